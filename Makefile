@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    creates .venv, installs, runs the recipe (EPOCHS=5; DATA=auto or a path/URL)
+#   make test   creates .venv, installs dev deps, runs ruff and the whole test suite with coverage
+PYTHON ?= python3
+VENV ?= .venv
+EPOCHS ?= 5
+DATA ?= auto
+BIN := $(abspath $(VENV))/bin
+
+.PHONY: install run test test-fast lint ui clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# --env-manager local runs the steps with the `python` first on PATH: put the venv's first.
+run: install
+	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local -P epochs=$(EPOCHS) -P data=$(DATA)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered -q
+
+# the quick loop while developing: no end-to-end `mlflow run` tests
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean:
+	rm -rf mlruns mlflow.db data models .pytest_cache .ruff_cache .coverage htmlcov

@@ -1,0 +1,53 @@
+"""Every fixed fact of the project in one place: the dataset, normalization, artifact and model names.
+
+Nothing here reads the environment or touches the disk; change a value here and every step follows.
+"""
+
+# --- CIFAR-10, official binary layout -------------------------------------------------------------
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+ARCHIVE_NAME = "cifar-10-binary.tar.gz"
+ARCHIVE_ENV = "CIFAR10_ARCHIVE"  # environment variable that names a local copy of the archive
+BATCH_DIR = "cifar-10-batches-bin"
+TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+TEST_BATCH = "test_batch.bin"
+META_FILE = "batches.meta.txt"
+
+IMAGE_SHAPE = (3, 32, 32)  # channels, height, width: the order of the bytes in a record
+IMAGE_BYTES = 3 * 32 * 32  # 1024 red, 1024 green, 1024 blue, each row-major 32x32
+RECORD_BYTES = 1 + IMAGE_BYTES  # one label byte, then the pixels
+NUM_CLASSES = 10
+OFFICIAL_RECORDS = {"train": 50_000, "test": 10_000}
+# Class names as the official batches.meta.txt lists them; the archive's own file is what we use,
+# this list only checks it.
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+# --- Preprocessing: the seed's Normalize(mean=0.5, std=0.5) per channel on pixels scaled to [0, 1] -
+NORM_MEAN = (0.5, 0.5, 0.5)
+NORM_STD = (0.5, 0.5, 0.5)
+
+# --- Models as served: raw uint8 RGB pixels in NHWC, the layout of a decoded image file --------------
+SERVING_INPUT = "images"  # uint8 [batch, 32, 32, 3]
+SERVING_OUTPUT = "logits"  # float32 [batch, 10]
+
+# --- Artifacts and tags that steps use to hand results to each other ------------------------------
+DATASET_DIR = "dataset"  # ingest run: dataset/{train,test}_{images,labels}.npy + dataset/meta.json
+CHECKPOINT_PATH = "checkpoint/model.pt"  # train run: self-describing checkpoint
+PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
+ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor
+ONNX_FILE = "cifar10_cnn.onnx"  # the exported file, also kept as a plain run artifact
+TAG_PYTORCH_MODEL_URI = "cifar10.pytorch_model_uri"
+TAG_ONNX_MODEL_URI = "cifar10.onnx_model_uri"
+DEFAULT_MODEL_NAME = "cifar10-cnn"  # registered name of the PyTorch flavor; ONNX gets "-onnx"
+ONNX_REGISTERED_SUFFIX = "-onnx"
+CANDIDATE_ALIAS = "candidate"
+
+# ONNX Runtime vs PyTorch on the same float32 inputs: logits agree far tighter than this; a larger
+# gap means the exported graph computes something else.
+ONNX_MAX_ABS_DIFF = 1e-3
+
+# --- Where ingest caches downloads (relative to the working directory unless absolute) ---------------
+CACHE_DIR_ENV = "CIFAR10_DATA_DIR"
+DEFAULT_CACHE_DIR = "data"

@@ -1,0 +1,355 @@
+"""CIFAR-10 in the official *binary* layout: find it, fetch it, read it, check it.
+
+The archive is read member by member straight from the gzip stream into memory; nothing is ever
+extracted to disk, so a hostile member cannot write anywhere, and it is rejected all the same.
+The python-format batches are never touched: unpickling them can execute code.
+
+Images are kept as one uint8 array per split, NCHW `[N, 3, 32, 32]`, which is the byte order of a
+record (1024 red, 1024 green, 1024 blue), so reading needs no transpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import constants as C
+from .errors import UserError
+from .progress import bar
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_MAX_BATCH_RECORDS = 10_000  # the official files hold exactly this many; more is not CIFAR-10
+_MAX_META_BYTES = 4096
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    train_images: np.ndarray  # uint8 [N_train, 3, 32, 32]
+    train_labels: np.ndarray  # uint8 [N_train], values 0..9
+    test_images: np.ndarray  # uint8 [N_test, 3, 32, 32]
+    test_labels: np.ndarray  # uint8 [N_test]
+    class_names: tuple[str, ...]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_labels), "test": len(self.test_labels)}
+
+    def digest(self) -> str:
+        """sha256 over every pixel, label and class name: equal digests mean equal data."""
+        h = hashlib.sha256()
+        for array in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            h.update(np.ascontiguousarray(array).data)
+        h.update("\n".join(self.class_names).encode())
+        return h.hexdigest()
+
+    def class_counts(self, split: str) -> list[int]:
+        labels = self.train_labels if split == "train" else self.test_labels
+        return np.bincount(labels, minlength=C.NUM_CLASSES).tolist()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the data comes from: a local archive or an extracted folder, and the URL if downloaded."""
+
+    path: Path
+    kind: str  # "archive" | "directory"
+    origin: str  # what to record as the dataset's source: a URL or an absolute path
+
+
+# --- finding the data --------------------------------------------------------------------------------
+
+
+def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: bool = True) -> Source | None:
+    """Turn the `data` parameter into a local archive or folder, downloading when it is a URL.
+
+    'auto': the cached copy under `cache_dir` if present, else the archive named by $CIFAR10_ARCHIVE,
+    else the official download (md5-checked). Otherwise `data` is a URL, an archive path or a folder.
+    With `fetch=False` nothing is downloaded: a source that needs a download returns None, so a
+    caller can check the parameter cheaply before any work starts.
+    """
+    env = os.environ if env is None else env
+    data = str(data).strip()
+    if not data:
+        raise UserError("data must be 'auto', a URL, an archive path or a folder; got an empty string")
+    if data == "auto":
+        cached = cache_dir / C.ARCHIVE_NAME
+        if cached.is_file():
+            return Source(cached.resolve(), "archive", C.OFFICIAL_URL)
+        if env.get(C.ARCHIVE_ENV):
+            path = Path(env[C.ARCHIVE_ENV]).expanduser()
+            if not path.exists():
+                raise UserError(f"{C.ARCHIVE_ENV} names {path.resolve()}, which does not exist")
+            return _local_source(path)
+        if not fetch:
+            return None
+        return Source(download(C.OFFICIAL_URL, cached, md5=C.OFFICIAL_MD5), "archive", C.OFFICIAL_URL)
+    scheme = urllib.parse.urlparse(data).scheme
+    if scheme in ("http", "https"):
+        return Source(_download_cached(data, cache_dir), "archive", data) if fetch else None
+    if scheme == "file":
+        data = urllib.request.url2pathname(urllib.parse.urlparse(data).path)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise UserError(f"data: {path.resolve()} does not exist")
+    return _local_source(path)
+
+
+def _local_source(path: Path) -> Source:
+    path = path.resolve()
+    if path.is_dir():
+        return Source(path, "directory", str(path))
+    if not path.is_file():
+        raise UserError(f"data: {path} is neither a regular file nor a folder")
+    return Source(path, "archive", str(path))
+
+
+def _download_cached(url: str, cache_dir: Path) -> Path:
+    name = posixpath.basename(urllib.parse.urlparse(url).path) or C.ARCHIVE_NAME
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    dest = cache_dir / ("cifar-10-binary.tar.gz" if url == C.OFFICIAL_URL else f"{key}-{name}")
+    if dest.is_file():  # only ever renamed into place once complete (and md5-checked if official)
+        return dest.resolve()
+    return download(url, dest, md5=C.OFFICIAL_MD5 if url == C.OFFICIAL_URL else None)
+
+
+def download(url: str, dest: Path, md5: str | None = None, timeout_s: float = 60.0) -> Path:
+    """Stream `url` to a temporary file beside `dest`, check the md5, then rename into place.
+
+    An interrupted or failed download leaves no file named `dest`, so a later run never takes a
+    partial file for good data.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, os.fdopen(fd, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with bar(total=total, desc=f"download {dest.name}", unit="B", unit_scale=True) as pbar:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        pbar.update(len(chunk))
+        except OSError as exc:  # URLError, HTTPError, timeouts and socket errors are all OSErrors
+            raise UserError(f"data: could not download {url}: {exc}") from None
+        if md5 is not None and digest.hexdigest() != md5:
+            raise UserError(
+                f"data: {url} downloaded with md5 {digest.hexdigest()}, expected {md5} "
+                "(corrupt or not the official archive); nothing was kept"
+            )
+        os.replace(tmp, dest)
+        return dest.resolve()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- reading and checking ----------------------------------------------------------------------------
+
+
+def _wanted_members() -> dict[str, str]:
+    names = (*C.TRAIN_BATCHES, C.TEST_BATCH, C.META_FILE)
+    return {f"{C.BATCH_DIR}/{name}": name for name in names}
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Refuse members that an extractor could be tricked by, even though we never extract."""
+    name = member.name
+    where = f"{archive}: member {name!r}"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise UserError(f"{where} has an absolute path; refusing a hostile archive")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise UserError(f"{where} contains '..'; refusing a hostile archive")
+    if member.issym() or member.islnk():
+        raise UserError(f"{where} is a link (to {member.linkname!r}); refusing a hostile archive")
+    if member.isdev():
+        raise UserError(f"{where} is a device or FIFO; refusing a hostile archive")
+    if not (member.isfile() or member.isdir()):
+        raise UserError(f"{where} is not a regular file or folder; refusing it")
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"data: {path} is empty (0 bytes)")
+    with path.open("rb") as fh:
+        if fh.read(2) != _GZIP_MAGIC:
+            raise UserError(f"data: {path} is not gzip-compressed; expected {C.ARCHIVE_NAME} (binary version)")
+    wanted = _wanted_members()
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar, bar(total=len(wanted), desc="read archive", unit="file") as pbar:
+            for member in tar:
+                _check_member(member, path)
+                if member.name not in wanted or not member.isfile():
+                    continue
+                short = wanted[member.name]
+                if short in found:
+                    raise UserError(f"data: {path} holds {member.name} twice")
+                limit = _MAX_META_BYTES if short == C.META_FILE else _MAX_BATCH_RECORDS * C.RECORD_BYTES
+                if member.size > limit:
+                    raise UserError(
+                        f"data: {path}: {member.name} is {member.size:,} bytes, more than the "
+                        f"{limit:,} a CIFAR-10 file can hold"
+                    )
+                found[short] = tar.extractfile(member).read()
+                pbar.update(1)
+    except EOFError:
+        raise UserError(f"data: {path} is truncated (the compressed stream ends early)") from None
+    except (tarfile.TarError, zlib.error, OSError) as exc:
+        raise UserError(f"data: {path} is not a readable tar.gz archive ({exc})") from None
+    missing = [f"{C.BATCH_DIR}/{n}" for n in wanted.values() if n not in found]
+    if missing:
+        raise UserError(f"data: {path} lacks {', '.join(missing)} (is it the binary version of CIFAR-10?)")
+    return found
+
+
+def _read_directory(path: Path) -> dict[str, bytes]:
+    folder = path / C.BATCH_DIR if (path / C.BATCH_DIR).is_dir() else path
+    found: dict[str, bytes] = {}
+    for short in _wanted_members().values():
+        file = folder / short
+        if not file.is_file():
+            raise UserError(f"data: {file} is missing (expected the extracted {C.BATCH_DIR} folder)")
+        limit = _MAX_META_BYTES if short == C.META_FILE else _MAX_BATCH_RECORDS * C.RECORD_BYTES
+        if file.stat().st_size > limit:
+            raise UserError(f"data: {file} is {file.stat().st_size:,} bytes, more than {limit:,}")
+        found[short] = file.read_bytes()
+    return found
+
+
+def _records(name: str, raw: bytes, where: str) -> np.ndarray:
+    if not raw:
+        raise UserError(f"data: {where}/{name} is empty")
+    if len(raw) % C.RECORD_BYTES:
+        raise UserError(
+            f"data: {where}/{name} is {len(raw):,} bytes, not a whole number of "
+            f"{C.RECORD_BYTES}-byte records (truncated, or not the binary version)"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, C.RECORD_BYTES)
+    bad = np.flatnonzero(records[:, 0] >= C.NUM_CLASSES)
+    if bad.size:
+        raise UserError(
+            f"data: {where}/{name} record {int(bad[0])} has label {int(records[bad[0], 0])}; "
+            f"labels must be 0-{C.NUM_CLASSES - 1} ({bad.size} bad records)"
+        )
+    return records
+
+
+def _split(names: tuple[str, ...], files: dict[str, bytes], where: str) -> tuple[np.ndarray, np.ndarray]:
+    records = [_records(n, files[n], where) for n in names]
+    total = sum(len(r) for r in records)
+    images = np.empty((total, *C.IMAGE_SHAPE), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.uint8)
+    start = 0
+    for r in records:
+        images[start : start + len(r)] = r[:, 1:].reshape(-1, *C.IMAGE_SHAPE)
+        labels[start : start + len(r)] = r[:, 0]
+        start += len(r)
+    return images, labels
+
+
+def _class_names(raw: bytes, where: str) -> tuple[str, ...]:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise UserError(f"data: {where}/{C.META_FILE} is not ASCII text") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) != C.NUM_CLASSES or len(set(names)) != C.NUM_CLASSES:
+        raise UserError(
+            f"data: {where}/{C.META_FILE} should list {C.NUM_CLASSES} distinct class names, found {len(names)}"
+        )
+    return names
+
+
+def read(source: Source, expected: dict[str, int] | None = C.OFFICIAL_RECORDS) -> Cifar10:
+    """Read and validate CIFAR-10 from a local archive or folder.
+
+    `expected` gives the record counts each split must hold (the official 50,000 / 10,000 by
+    default); None accepts any consistent size, for small synthetic archives.
+    """
+    files = _read_archive(source.path) if source.kind == "archive" else _read_directory(source.path)
+    where = str(source.path) if source.kind == "directory" else f"{source.path}:{C.BATCH_DIR}"
+    train_images, train_labels = _split(C.TRAIN_BATCHES, files, where)
+    test_images, test_labels = _split((C.TEST_BATCH,), files, where)
+    dataset = Cifar10(train_images, train_labels, test_images, test_labels, _class_names(files[C.META_FILE], where))
+    if expected is not None:
+        for split, count in dataset.sizes().items():
+            if count != expected[split]:
+                raise UserError(
+                    f"data: {source.path} has {count:,} {split} records, expected {expected[split]:,}"
+                )
+    return dataset
+
+
+# --- the hand-off between steps: plain .npy files that load in well under a second -------------------
+
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def save(dataset: Cifar10, directory: Path, digest: str | None = None) -> str:
+    """Write the arrays and a meta.json into `directory` atomically (a temp folder renamed into place).
+
+    meta.json records the sha256 of each array, so a reader that needs only the test split can
+    verify just that.
+    """
+    digest = digest or dataset.digest()
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        arrays = {}
+        for name in _ARRAYS:
+            array = np.ascontiguousarray(getattr(dataset, name))
+            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+            arrays[name] = hashlib.sha256(array.data).hexdigest()
+        meta = {
+            "class_names": list(dataset.class_names), "sha256": digest, "sizes": dataset.sizes(), "arrays": arrays,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return digest
+
+
+def load(directory: Path, splits: tuple[str, ...] = ("train", "test")) -> Cifar10:
+    """Load what `save` wrote, refusing any array whose sha256 differs from meta.json.
+
+    Splits not asked for come back as empty arrays (evaluation needs only the test split).
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        arrays = {}
+        for name in _ARRAYS:
+            if name.split("_")[0] not in splits:
+                shape = (0, *C.IMAGE_SHAPE) if name.endswith("images") else (0,)
+                arrays[name] = np.empty(shape, dtype=np.uint8)
+                continue
+            array = np.load(directory / f"{name}.npy", allow_pickle=False)
+            if hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() != meta["arrays"][name]:
+                raise UserError(f"dataset at {directory}: {name}.npy does not match its recorded sha256")
+            arrays[name] = array
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"dataset at {directory} is unreadable: {exc}") from None
+    return Cifar10(**arrays, class_names=tuple(meta["class_names"]))
+
+
+def digest_of(directory: Path) -> str:
+    """The dataset sha256 recorded by `save`, without loading the arrays."""
+    return json.loads((Path(directory) / "meta.json").read_text())["sha256"]

@@ -1,0 +1,43 @@
+"""Test-set metrics from any function that maps a batch of images to logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .progress import bar
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float  # mean cross-entropy
+    accuracy: float  # fraction right
+    per_class_accuracy: list[float]  # recall of each class, in class-index order
+    confusion: np.ndarray  # int64 [true, predicted]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
+) -> torch.Tensor:
+    """Logits `[N, C]` (float32, CPU) for `images`, `batch_size` at a time."""
+    out = [model(images[i : i + batch_size]).float().cpu() for i in bar(range(0, len(images), batch_size), desc="evaluate")]
+    return torch.cat(out)
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:
+    labels = labels.long()
+    predicted = logits.argmax(1)
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.reshape(num_classes, num_classes).numpy()
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return Evaluation(
+        loss=F.cross_entropy(logits, labels).item(),
+        accuracy=(predicted == labels).float().mean().item(),
+        per_class_accuracy=per_class.tolist(),
+        confusion=confusion,
+    )

@@ -1,0 +1,79 @@
+"""ONNX export with the onnxscript-based (dynamo) exporter, checked and compared with PyTorch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from . import constants as C
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """Export `model` (uint8 NHWC in, logits out) with a symbolic batch dimension, and check the graph.
+
+    The example batch must hold at least 2 images: with 1, the exporter specializes the batch to 1.
+    """
+    if example.shape[0] < 2:
+        raise ValueError("export needs an example batch of at least 2 images")
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            input_names=[C.SERVING_INPUT],
+            output_names=[C.SERVING_OUTPUT],
+            dynamic_shapes={"images": {0: batch}},
+            verbose=False,
+        )
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def session(proto: onnx.ModelProto, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads  # 0: one per core
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC batch -> float32 logits
+
+
+def onnx_predictor(ort_session) -> Predictor:
+    return lambda batch: ort_session.run([C.SERVING_OUTPUT], {C.SERVING_INPUT: batch})[0]
+
+
+def torch_predictor(model) -> Predictor:
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return predict
+
+
+@dataclass(frozen=True)
+class Parity:
+    images: int
+    max_abs_diff: float  # largest |logit_candidate - logit_reference| over every image and class
+    argmax_mismatches: int  # images whose predicted class differs
+
+
+def compare(reference: Predictor, candidate: Predictor, images: np.ndarray, batch_size: int = 1000) -> Parity:
+    """Run uint8 NHWC `images` through both predictors; report how far they disagree."""
+    worst, mismatches = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[i : i + batch_size])
+        expected, got = reference(batch), candidate(batch)
+        worst = max(worst, float(np.abs(got - expected).max()))
+        mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
+    return Parity(len(images), worst, mismatches)

@@ -1,0 +1,80 @@
+"""MLflow glue shared by the steps: run a step so it always ends FINISHED, FAILED or KILLED, and find
+what an upstream step left in the tracking store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from .errors import UserError
+from .progress import interactive
+
+STEP_TAG = "cifar10.step"  # which entry point made a run; checked when a run id is handed downstream
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_step(step: str, body: Callable[..., None], **kwargs) -> None:
+    """Run `body(**kwargs)` inside the active MLflow run (the one `mlflow run` made, or a new one).
+
+    A UserError becomes one line on stderr, a FAILED run and exit code 2; Ctrl-C or SIGTERM a KILLED
+    run and exit code 130; any other exception a FAILED run and the traceback.
+    """
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    if not interactive():  # MLflow's own artifact bars would fill log files with carriage returns
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.start_run()
+    mlflow.set_tag(STEP_TAG, step)
+    try:
+        body(**kwargs)
+    except UserError as exc:
+        mlflow.end_run("FAILED")
+        print(f"error: {step}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        print(f"error: {step}: interrupted; the run is marked KILLED", file=sys.stderr)
+        sys.exit(130)
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_new_params(params: dict) -> None:
+    """Log params the run does not have yet. `mlflow run` already logged the MLproject's parameters,
+    and re-logging a key with another spelling ('1e-3' vs '0.001') is an error in MLflow."""
+    run = mlflow.active_run()
+    have = mlflow.get_run(run.info.run_id).data.params
+    mlflow.log_params({k: str(v) for k, v in params.items() if k not in have})
+
+
+def upstream(run_id: str, step: str) -> Run:
+    """The FINISHED run of `step` with this id, or a UserError saying what is wrong with it."""
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    made_by = run.data.tags.get(STEP_TAG)
+    if made_by != step:
+        raise UserError(f"{step}_run_id {run_id} is a {made_by or 'non-pipeline'} run, not a {step} run")
+    if run.info.status != "FINISHED":
+        raise UserError(f"{step}_run_id {run_id} ended {run.info.status}; use a FINISHED {step} run")
+    return run
+
+
+def artifact(run_id: str, path: str) -> Path:
+    """Local path of a run's artifact (no copy for a local store; a download from a server)."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None

@@ -1,0 +1,18 @@
+"""export: ONNX export with parity checks, then register the PyTorch and ONNX flavors (alias candidate)."""
+
+import argparse
+
+from cifar10_cnn import pipeline, tracking
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m steps.export", description=__doc__)
+    parser.add_argument("--train-run-id", required=True)
+    parser.add_argument("--evaluate-run-id", required=True)
+    parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
+    args = parser.parse_args(argv)
+    tracking.run_step("export", pipeline.export_and_register, **vars(args))
+
+
+if __name__ == "__main__":
+    main()
