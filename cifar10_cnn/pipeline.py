@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.models import infer_signature
 
 from . import constants as C
@@ -59,8 +62,8 @@ def ingest(data: str, expected_records: str) -> None:
         images = getattr(dataset, f"{split}_images")
         labels = getattr(dataset, f"{split}_labels")
         # Our own digest: MLflow's default hashes only the first 10,000 values.
-        ds = mlflow.data.from_numpy(images, targets=labels, source=source.origin, name=f"cifar10-{split}",
-                                    digest=digest[:32])
+        ds = mlflow.data.from_numpy(images, targets=labels, source=_dataset_source(source.origin),
+                                    name=f"cifar10-{split}", digest=digest[:32])
         mlflow.log_input(ds, context=context, tags={"sha256": digest, "records": str(len(labels))})
     sizes = dataset.sizes()
     mlflow.set_tags({"cifar10.source": source.origin, "cifar10.sha256": digest})
@@ -71,6 +74,14 @@ def ingest(data: str, expected_records: str) -> None:
     mlflow.log_figure(plots.sample_grid(dataset.train_images, dataset.train_labels, dataset.class_names),
                       "samples.png")
     _say("ingest", f"{sizes['train']:,} train / {sizes['test']:,} test images, sha256 {digest[:16]}…")
+
+
+def _dataset_source(origin: str):
+    if origin.startswith(("http://", "https://")):
+        return HTTPDatasetSource(origin)
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about itself
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        return resolve_dataset_source(Path(origin).as_uri())
 
 
 def _dataset_of(ingest_run_id: str, splits: tuple[str, ...]) -> datalib.Cifar10:

@@ -33,8 +33,11 @@ def run_step(step: str, body: Callable[..., None], **kwargs) -> None:
     if not interactive():  # MLflow's own artifact bars would fill log files with carriage returns
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.start_run()
-    mlflow.set_tag(STEP_TAG, step)
     try:
+        mlflow.set_tag(STEP_TAG, step)
+        # The step's own arguments are its params, as `mlflow run` would log them: downstream steps
+        # read them from here (e.g. evaluate finds the ingest run through the train run's params).
+        log_new_params(kwargs)
         body(**kwargs)
     except UserError as exc:
         mlflow.end_run("FAILED")
@@ -66,7 +69,7 @@ def upstream(run_id: str, step: str) -> Run:
         raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
     made_by = run.data.tags.get(STEP_TAG)
     if made_by != step:
-        raise UserError(f"{step}_run_id {run_id} is a {made_by or 'non-pipeline'} run, not a {step} run")
+        raise UserError(f"{step}_run_id {run_id} was made by {made_by or 'no pipeline step'!r}, not by {step!r}")
     if run.info.status != "FINISHED":
         raise UserError(f"{step}_run_id {run_id} ended {run.info.status}; use a FINISHED {step} run")
     return run

@@ -1,0 +1,49 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cifar10_cnn import constants as C
+from cifar10_cnn import export, models
+
+
+@pytest.fixture(scope="module")
+def exported():
+    torch.manual_seed(0)
+    model = models.RawPixelClassifier(models.build("simple_cnn")).eval()
+    example = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    return model, export.to_onnx(model, example)
+
+
+def test_graph_takes_uint8_nhwc_with_a_symbolic_batch(exported):
+    _, proto = exported
+    (inp,) = proto.graph.input
+    assert inp.name == C.SERVING_INPUT
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert [o.name for o in proto.graph.output] == [C.SERVING_OUTPUT]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_onnx_runtime_matches_pytorch_at_any_batch(exported, batch):
+    model, proto = exported
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    parity = export.compare(export.torch_predictor(model), export.onnx_predictor(export.session(proto)), images)
+    assert parity.images == batch and parity.argmax_mismatches == 0
+    assert parity.max_abs_diff < C.ONNX_MAX_ABS_DIFF
+
+
+def test_compare_sees_a_different_model(exported):
+    model, proto = exported
+    torch.manual_seed(1)
+    other = models.RawPixelClassifier(models.build("simple_cnn")).eval()
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    parity = export.compare(export.torch_predictor(other), export.onnx_predictor(export.session(proto)), images)
+    assert parity.max_abs_diff > C.ONNX_MAX_ABS_DIFF
+
+
+def test_export_refuses_a_batch_of_one(exported):
+    model, _ = exported
+    with pytest.raises(ValueError, match="at least 2 images"):
+        export.to_onnx(model, torch.zeros(1, 32, 32, 3, dtype=torch.uint8))

@@ -1,0 +1,205 @@
+"""Each step on its own, in this process, against a temporary tracking store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cifar10_cnn import constants as C
+from steps import evaluate, export, ingest, main, train
+from tests import synthetic
+from tests.conftest import isolate
+
+
+def step_runs(step):
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`cifar10.step` = '{step}'", output_format="list"
+    )
+
+
+def only_run(step):
+    (run,) = step_runs(step)
+    return run
+
+
+def fails(entry, argv, capsys, message):
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, archive):
+    """ingest -> train -> evaluate -> export once, each step called as its script would be."""
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(tmp_path_factory.mktemp("chain"), mp)
+        ingest.main(["--data", str(archive), "--expected-records", "any"])
+        ingest_id = only_run("ingest").info.run_id
+        train.main(["--ingest-run-id", ingest_id, "--epochs", "2", "--batch-size", "16", "--device", "cpu"])
+        train_id = only_run("train").info.run_id
+        evaluate.main(["--train-run-id", train_id, "--device", "cpu"])
+        evaluate_id = only_run("evaluate").info.run_id
+        export.main(["--train-run-id", train_id, "--evaluate-run-id", evaluate_id, "--model-name", "tiny"])
+        yield {"ingest": ingest_id, "train": train_id, "evaluate": evaluate_id,
+               "export": only_run("export").info.run_id, "mp": mp}
+
+
+def test_ingest_logs_dataset_counts_and_samples(chain):
+    run = mlflow.get_run(chain["ingest"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_records"] == 200 and run.data.metrics["test_records"] == 100
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"cifar10-train", "cifar10-test"}
+    sha = run.data.tags["cifar10.sha256"]
+    assert inputs["cifar10-train"].dataset.digest == sha[:32]
+    assert {t.key: t.value for t in inputs["cifar10-test"].tags}["sha256"] == sha
+    names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"samples.png", "class_counts.json", C.DATASET_DIR} <= names
+    counts = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/class_counts.json")
+    assert counts["train"] == [20] * 10 and counts["classes"] == list(C.CLASS_NAMES)
+
+
+def test_train_logs_curves_checkpoint_and_model(chain):
+    run = mlflow.get_run(chain["train"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["num_parameters"] == "62006" and p["train_device"] == "cpu" and p["epochs"] == "2"
+    history = MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "train_accuracy")) == 2
+    ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=C.CHECKPOINT_PATH),
+                      weights_only=True)
+    assert ckpt["model"] == "simple_cnn" and ckpt["config"]["epochs"] == 2
+    model = mlflow.pytorch.load_model(run.data.tags[C.TAG_PYTORCH_MODEL_URI])
+    images = synthetic.images_for(np.arange(5) % 10, np.random.default_rng(0)).transpose(0, 2, 3, 1).copy()
+    assert model(torch.from_numpy(images)).shape == (5, 10)
+    info = mlflow.models.get_model_info(run.data.tags[C.TAG_PYTORCH_MODEL_URI])
+    spec = info.signature.inputs.to_dict()[0]["tensor-spec"]
+    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 32, 32, 3]
+
+
+def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
+    run = mlflow.get_run(chain["evaluate"])
+    m = run.data.metrics
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0
+    assert {f"test_accuracy_{n}" for n in C.CLASS_NAMES} <= set(m)
+    assert m["test_accuracy"] > 0.5  # the synthetic classes are easy; chance is 0.1
+    ev = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/evaluation.json")
+    assert np.array(ev["confusion"]).sum() == 100
+    names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert "confusion_matrix.png" in names
+
+
+def test_export_registers_both_flavors_matched_and_aliased(chain):
+    client = MlflowClient()
+    run = mlflow.get_run(chain["export"])
+    assert run.data.metrics["onnx_argmax_mismatches"] == 0
+    assert run.data.metrics["onnx_max_abs_diff"] < C.ONNX_MAX_ABS_DIFF
+    pt = client.get_model_version_by_alias("tiny", C.CANDIDATE_ALIAS)
+    onnx_v = client.get_model_version_by_alias("tiny-onnx", C.CANDIDATE_ALIAS)
+    for v in (pt, onnx_v):
+        assert v.tags["train_run_id"] == chain["train"] and v.tags["evaluate_run_id"] == chain["evaluate"]
+        assert float(v.tags["test_accuracy"]) == pytest.approx(mlflow.get_run(chain["evaluate"]).data.metrics["test_accuracy"], abs=1e-4)
+    assert onnx_v.tags["pytorch_version"] == str(pt.version) and pt.tags["onnx_version"] == str(onnx_v.version)
+    # The registered ONNX model takes raw uint8 pixels and agrees with the registered PyTorch model.
+    images = synthetic.images_for(np.arange(7) % 10, np.random.default_rng(1)).transpose(0, 2, 3, 1).copy()
+    onnx_out = mlflow.pyfunc.load_model(f"models:/tiny-onnx@{C.CANDIDATE_ALIAS}").predict(images)
+    torch_out = mlflow.pytorch.load_model(f"models:/tiny@{C.CANDIDATE_ALIAS}")(torch.from_numpy(images)).detach()
+    assert np.abs(np.asarray(onnx_out[C.SERVING_OUTPUT]) - torch_out.numpy()).max() < C.ONNX_MAX_ABS_DIFF
+    assert json.loads(json.dumps(run.data.tags))["cifar10.registered.onnx"] == f"tiny-onnx/{onnx_v.version}"
+
+
+# --- bad input: one line, exit 2, FAILED, nothing written downstream ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--epochs", "0", "epochs must be a whole number >= 1, got '0'"),
+        ("--batch-size", "-1", "batch_size must be a whole number >= 1, got '-1'"),
+        ("--learning-rate", "0", "learning_rate must be a finite number > 0, got '0'"),
+        ("--device", "tpu", "device must be one of auto, cpu, cuda, mps; got 'tpu'"),
+    ],
+)
+def test_train_rejects_bad_parameters(chain, capsys, flag, value, message):
+    before = len(step_runs("train"))
+    line = fails(train, ["--ingest-run-id", chain["ingest"], flag, value], capsys, message)
+    assert line.startswith("error: train: ")
+    failed = step_runs("train")
+    assert len(failed) == before + 1
+    newest = max(failed, key=lambda r: r.info.start_time)
+    assert newest.info.status == "FAILED"
+    assert MlflowClient().list_artifacts(newest.info.run_id) == []  # no checkpoint, no model
+
+
+def test_train_rejects_a_run_of_another_step(chain, capsys):
+    fails(train, ["--ingest-run-id", chain["evaluate"]], capsys, "was made by 'evaluate', not by 'ingest'")
+
+
+def test_train_rejects_a_missing_run(chain, capsys):
+    fails(train, ["--ingest-run-id", "0" * 32], capsys, f"ingest_run_id {'0' * 32}: no such run")
+
+
+def test_export_rejects_an_evaluation_of_another_train_run(chain, capsys):
+    fails(export, ["--train-run-id", chain["train"], "--evaluate-run-id", chain["ingest"]], capsys,
+          "was made by 'ingest', not by 'evaluate'")
+
+
+def test_ingest_missing_data_fails_and_caches_nothing(store, tmp_path, capsys):
+    fails(ingest, ["--data", str(tmp_path / "nope.tar.gz")], capsys, "nope.tar.gz does not exist")
+    (run,) = step_runs("ingest")
+    assert run.info.status == "FAILED" and MlflowClient().list_artifacts(run.info.run_id) == []
+    assert not (tmp_path / "data").exists()
+
+
+def test_ingest_corrupt_archive_fails(store, tmp_path, capsys):
+    path = synthetic.write_archive(tmp_path / "evil.tar.gz", synthetic.batch_files(),
+                                   extra=[synthetic_link()])
+    fails(ingest, ["--data", str(path), "--expected-records", "any"], capsys, "refusing a hostile archive")
+    assert only_run("ingest").info.status == "FAILED"
+
+
+def synthetic_link():
+    import tarfile
+
+    info = tarfile.TarInfo("cifar-10-batches-bin/evil")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return info
+
+
+def test_train_on_a_failed_ingest_run(store, tmp_path, capsys):
+    fails(ingest, ["--data", str(tmp_path / "nope")], capsys, "does not exist")
+    failed = only_run("ingest").info.run_id
+    fails(train, ["--ingest-run-id", failed], capsys, f"ingest_run_id {failed} ended FAILED")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "epochs must be a whole number >= 1, got '0'"),
+        (["--batch-size", "0"], "batch_size must be a whole number >= 1, got '0'"),
+        (["--learning-rate", "-0.1"], "learning_rate must be a finite number > 0, got '-0.1'"),
+        (["--device", "gpu"], "device must be one of auto, cpu, cuda, mps; got 'gpu'"),
+        (["--data", "/nonexistent/cifar.tar.gz"], "data: /nonexistent/cifar.tar.gz does not exist"),
+        (["--model-name", "a b"], "model_name must be"),
+    ],
+)
+def test_main_rejects_bad_input_before_any_step(store, capsys, argv, message):
+    line = fails(main, argv, capsys, message)
+    assert line.startswith("error: main: ")
+    (parent,) = step_runs("main")
+    assert parent.info.status == "FAILED"
+    everything = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.run_id for r in everything] == [parent.info.run_id]  # no child runs
+    assert MlflowClient().search_registered_models() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_main_rejects_cuda_without_a_gpu(store, capsys):
+    fails(main, ["--device", "cuda"], capsys, "device 'cuda' was requested but torch sees no CUDA GPU")
