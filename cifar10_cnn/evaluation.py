@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ def predict_logits(
     model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
     """Logits `[N, C]` (float32, CPU) for `images`, `batch_size` at a time."""
-    out = [model(images[i : i + batch_size]).float().cpu() for i in bar(range(0, len(images), batch_size), desc="evaluate")]
-    return torch.cat(out)
+    starts = bar(range(0, len(images), batch_size), desc="evaluate")
+    return torch.cat([model(images[i : i + batch_size]).float().cpu() for i in starts])
 
 
 def evaluate(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:

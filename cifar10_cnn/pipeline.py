@@ -176,7 +176,7 @@ def evaluate(train_run_id: str, device: str) -> None:
 
     names = dataset.class_names
     mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
-                        **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy)}})
+                        **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})
     mlflow.log_dict({"classes": list(names), "per_class_accuracy": result.per_class_accuracy,
                      "confusion": result.confusion.tolist()}, "evaluation.json")
     mlflow.log_figure(plots.confusion_matrix(result.confusion, names), "confusion_matrix.png")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 from mlflow.entities import Run

@@ -14,7 +14,7 @@ from cifar10_cnn.errors import UserError
         (lambda: params.positive_float("learning_rate", "nan"), "learning_rate must be a finite number > 0"),
         (lambda: params.positive_float("learning_rate", "x"), "learning_rate must be a number > 0, got 'x'"),
         (lambda: params.non_negative_int("seed", "-1"), "seed must be a whole number >= 0, got '-1'"),
-        (lambda: params.choice("device", "tpu", params.DEVICES), "device must be one of auto, cpu, cuda, mps; got 'tpu'"),
+        (lambda: params.choice("device", "tpu", params.DEVICES), "device must be one of auto, cpu, cuda, mps"),
         (lambda: params.run_id("train_run_id", "xyz"), "train_run_id must be an MLflow run id"),
         (lambda: params.model_name("bad name!"), "model_name must be 1-100 letters"),
         (lambda: params.expected_records("5"), "expected_records must be 'TRAIN,TEST'"),

@@ -105,7 +105,8 @@ def test_export_registers_both_flavors_matched_and_aliased(chain):
     onnx_v = client.get_model_version_by_alias("tiny-onnx", C.CANDIDATE_ALIAS)
     for v in (pt, onnx_v):
         assert v.tags["train_run_id"] == chain["train"] and v.tags["evaluate_run_id"] == chain["evaluate"]
-        assert float(v.tags["test_accuracy"]) == pytest.approx(mlflow.get_run(chain["evaluate"]).data.metrics["test_accuracy"], abs=1e-4)
+        accuracy = mlflow.get_run(chain["evaluate"]).data.metrics["test_accuracy"]
+        assert float(v.tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
     assert onnx_v.tags["pytorch_version"] == str(pt.version) and pt.tags["onnx_version"] == str(onnx_v.version)
     # The registered ONNX model takes raw uint8 pixels and agrees with the registered PyTorch model.
     images = synthetic.images_for(np.arange(7) % 10, np.random.default_rng(1)).transpose(0, 2, 3, 1).copy()

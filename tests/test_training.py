@@ -25,7 +25,7 @@ def test_same_seed_same_loss_curve_and_weights():
     net_a, a = fit(config, images, labels)
     net_b, b = fit(config, images, labels)
     assert [r.loss for r in a] == [r.loss for r in b]
-    assert all(torch.equal(x, y) for x, y in zip(net_a.state_dict().values(), net_b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True))
     _, c = fit(training.TrainConfig(epochs=2, batch_size=32, seed=4), images, labels)
     assert [r.loss for r in c] != [r.loss for r in a]
 

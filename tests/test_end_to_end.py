@@ -1,0 +1,106 @@
+"""The recipe through the real `mlflow run` CLI, as a user runs it. Slow: each step is a process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cifar10_cnn import constants as C
+from tests.conftest import PROJECT_DIR, isolate, runs_env
+
+pytestmark = pytest.mark.slow
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def mlflow_run(*params: str, timeout=600) -> subprocess.CompletedProcess:
+    args = [MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local"]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=timeout)
+
+
+def children(parent_id: str) -> dict:
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags["mlflow.project.entryPoint"]: r for r in runs}
+
+
+def parents() -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`mlflow.project.entryPoint` = 'main'",
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, archive):
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(tmp_path_factory.mktemp("e2e"), mp)
+        done = mlflow_run("epochs=2", f"data={archive}", "expected_records=any", "model_name=e2e")
+        assert done.returncode == 0, done.stderr[-3000:]
+        yield done
+
+
+def test_one_parent_with_four_nested_steps(store):
+    (parent,) = parents()
+    assert parent.info.status == "FINISHED"
+    steps = children(parent.info.run_id)
+    assert set(steps) == {"ingest", "train", "evaluate", "export"}
+    assert all(r.info.status == "FINISHED" for r in steps.values())
+    assert len({r.info.experiment_id for r in [parent, *steps.values()]}) == 1
+    # Each step received the run id of the step before it, through the tracking store.
+    assert steps["train"].data.params["ingest_run_id"] == steps["ingest"].info.run_id
+    assert steps["evaluate"].data.params["train_run_id"] == steps["train"].info.run_id
+    assert steps["export"].data.params["evaluate_run_id"] == steps["evaluate"].info.run_id
+    assert parent.data.metrics["test_accuracy"] == steps["evaluate"].data.metrics["test_accuracy"]
+
+
+def test_both_flavors_registered_with_the_alias(store):
+    client = MlflowClient()
+    (parent,) = parents()
+    steps = children(parent.info.run_id)
+    for name in ("e2e", "e2e-onnx"):
+        version = client.get_model_version_by_alias(name, C.CANDIDATE_ALIAS)
+        assert version.tags["pipeline_run_id"] == parent.info.run_id
+        assert version.tags["train_run_id"] == steps["train"].info.run_id
+    assert steps["export"].data.metrics["onnx_argmax_mismatches"] == 0
+
+
+def test_summary_names_accuracy_runs_and_versions(store):
+    (parent,) = parents()
+    out = store.stdout
+    assert "CIFAR-10 CNN pipeline finished" in out
+    assert f"parent run    : {parent.info.run_id}" in out
+    acc = parent.data.metrics["test_accuracy"]
+    assert f"test accuracy : {acc:.2%}" in out
+    assert "e2e v1 (@candidate), e2e-onnx v1 (@candidate)" in out
+    onnx_path = out.split("ONNX model    : ")[1].split()[0]
+    assert Path(onnx_path).is_file() and onnx_path.endswith(".onnx")
+
+
+def test_divergence_fails_the_recipe_and_registers_nothing(store, archive):
+    client = MlflowClient()
+    before = {n: [str(v.version) for v in client.search_model_versions(f"name = '{n}'")] for n in ("e2e", "e2e-onnx")}
+    done = mlflow_run("epochs=1", "learning_rate=1e9", f"data={archive}", "expected_records=any", "model_name=e2e")
+    assert done.returncode != 0
+    assert "training diverged" in done.stderr and "lower learning_rate" in done.stderr
+    parent = parents()[-1]
+    assert parent.info.status == "FAILED"
+    steps = children(parent.info.run_id)
+    assert set(steps) == {"ingest", "train"} and steps["train"].info.status == "FAILED"
+    after = {n: [str(v.version) for v in client.search_model_versions(f"name = '{n}'")] for n in ("e2e", "e2e-onnx")}
+    assert after == before
+    assert str(client.get_model_version_by_alias("e2e", C.CANDIDATE_ALIAS).version) == before["e2e"][0]
+
+
+def test_bad_parameter_fails_before_any_step(store):
+    n_runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    done = mlflow_run("epochs=abc")
+    assert done.returncode != 0
+    assert "error: main: epochs must be a whole number >= 1, got 'abc'" in done.stderr
+    parent = parents()[-1]
+    assert parent.info.status == "FAILED" and children(parent.info.run_id) == {}
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == n_runs + 1

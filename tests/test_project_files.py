@@ -1,0 +1,42 @@
+"""The MLproject, the environment files and the step scripts must agree with each other."""
+
+import importlib
+import shlex
+import tomllib
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_DIR
+
+MLPROJECT = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())
+
+
+def test_environment_files_list_the_same_dependencies():
+    pyproject = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    python_env = yaml.safe_load((PROJECT_DIR / "python_env.yaml").read_text())["dependencies"]
+    conda = yaml.safe_load((PROJECT_DIR / "conda.yaml").read_text())["dependencies"]
+    conda_pip = next(d["pip"] for d in conda if isinstance(d, dict))
+    assert sorted(pyproject) == sorted(python_env) == sorted(conda_pip)
+
+
+def test_mlproject_points_at_python_env():
+    assert MLPROJECT["python_env"] == "python_env.yaml"
+    assert set(MLPROJECT["entry_points"]) == {"main", "ingest", "train", "evaluate", "export"}
+
+
+@pytest.mark.parametrize("entry", sorted(MLPROJECT["entry_points"]))
+def test_each_command_parses_with_its_step_script(entry, monkeypatch):
+    spec = MLPROJECT["entry_points"][entry]
+    values = {}
+    for name, p in spec["parameters"].items():
+        default = p.get("default") if isinstance(p, dict) else None
+        values[name] = str(default) if default is not None else "0" * 32  # run ids have no default
+    argv = shlex.split(spec["command"].format(**values))
+    assert argv[:3] == ["python", "-m", f"steps.{entry}"]
+    module = importlib.import_module(f"steps.{entry}")
+    seen = {}
+    monkeypatch.setattr(module.tracking, "run_step", lambda step, body, **kwargs: seen.update(kwargs, step=step))
+    module.main(argv[3:])
+    assert seen.pop("step") == entry
+    assert seen == values  # every MLproject parameter reaches the step under its own name
