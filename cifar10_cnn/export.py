@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +22,25 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     if example.shape[0] < 2:
         raise ValueError("export needs an example batch of at least 2 images")
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
-        program = torch.onnx.export(
-            model.eval(),
-            (example,),
-            dynamo=True,
-            input_names=[C.SERVING_INPUT],
-            output_names=[C.SERVING_OUTPUT],
-            dynamic_shapes={"images": {0: batch}},
-            verbose=False,
-        )
+    # The exporter warns once per torchvision operator it cannot register when torchvision is absent;
+    # we use none of them.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
+            program = torch.onnx.export(
+                model.eval(),
+                (example,),
+                dynamo=True,
+                input_names=[C.SERVING_INPUT],
+                output_names=[C.SERVING_OUTPUT],
+                dynamic_shapes={"images": {0: batch}},
+                verbose=False,
+            )
+    finally:
+        registration_log.setLevel(level)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto
