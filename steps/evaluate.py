@@ -2,7 +2,8 @@
 
 import argparse
 
-from cifar10_cnn import pipeline, tracking
+from cifar10_cnn import tracking
+from cifar10_cnn.pipeline import evaluate as step
 
 
 def main(argv=None):
@@ -10,7 +11,7 @@ def main(argv=None):
     parser.add_argument("--train-run-id", required=True)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-    tracking.run_step("evaluate", pipeline.evaluate, **vars(args))
+    tracking.run_step("evaluate", step.run, **vars(args))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 import argparse
 
-from cifar10_cnn import pipeline, tracking
+from cifar10_cnn import tracking
+from cifar10_cnn.pipeline import export as step
 
 
 def main(argv=None):
@@ -11,7 +12,7 @@ def main(argv=None):
     parser.add_argument("--evaluate-run-id", required=True)
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
     args = parser.parse_args(argv)
-    tracking.run_step("export", pipeline.export_and_register, **vars(args))
+    tracking.run_step("export", step.run, **vars(args))
 
 
 if __name__ == "__main__":

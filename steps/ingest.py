@@ -2,7 +2,8 @@
 
 import argparse
 
-from cifar10_cnn import pipeline, tracking
+from cifar10_cnn import tracking
+from cifar10_cnn.pipeline import ingest as step
 
 
 def main(argv=None):
@@ -10,7 +11,7 @@ def main(argv=None):
     parser.add_argument("--data", default="auto", help="auto, a URL, a .tar.gz archive or an extracted folder")
     parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
     args = parser.parse_args(argv)
-    tracking.run_step("ingest", pipeline.ingest, data=args.data, expected_records=args.expected_records)
+    tracking.run_step("ingest", step.run, data=args.data, expected_records=args.expected_records)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 import argparse
 
-from cifar10_cnn import pipeline, tracking
+from cifar10_cnn import tracking
+from cifar10_cnn.pipeline import main as step
 
 
 def main(argv=None):
@@ -16,7 +17,7 @@ def main(argv=None):
     parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
     args = parser.parse_args(argv)
-    tracking.run_step("main", pipeline.main, **vars(args))
+    tracking.run_step("main", step.run, **vars(args))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 import argparse
 
-from cifar10_cnn import pipeline, tracking
+from cifar10_cnn import tracking
+from cifar10_cnn.pipeline import train as step
 
 
 def main(argv=None):
@@ -14,7 +15,7 @@ def main(argv=None):
     parser.add_argument("--seed", default="42")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-    tracking.run_step("train", pipeline.train, **vars(args))
+    tracking.run_step("train", step.run, **vars(args))
 
 
 if __name__ == "__main__":

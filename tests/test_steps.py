@@ -73,6 +73,7 @@ def test_train_logs_curves_checkpoint_and_model(chain):
     history = MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value
     assert len(MlflowClient().get_metric_history(run.info.run_id, "train_accuracy")) == 2
+    assert run.data.metrics["peak_rss_mib"] > 50
     ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=C.CHECKPOINT_PATH),
                       weights_only=True)
     assert ckpt["model"] == "simple_cnn" and ckpt["config"]["epochs"] == 2

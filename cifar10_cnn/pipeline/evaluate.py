@@ -1,0 +1,33 @@
+"""evaluate: test-set loss, accuracy, per-class accuracy and a confusion matrix for a train run."""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+
+from .. import constants as C
+from .. import evaluation, models, params, plots, tracking, training
+from .common import dataset_of, say
+from .train import trained
+
+
+def run(train_run_id: str, device: str) -> None:
+    target = training.select_device(params.choice("device", device, params.DEVICES))
+    train_run, net, config = trained(params.run_id("train_run_id", train_run_id))
+    ingest_run_id = train_run.data.params["ingest_run_id"]
+    dataset = dataset_of(ingest_run_id, ("test",))
+    tracking.log_new_params({"model": config.model, "eval_device": target, "ingest_run_id": ingest_run_id})
+
+    model = models.RawPixelClassifier(net).to(target).eval()
+    images = torch.from_numpy(dataset.test_images).to(target).permute(0, 2, 3, 1)  # NHWC view, as served
+    logits = evaluation.predict_logits(model, images)
+    result = evaluation.evaluate(logits, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
+
+    names = dataset.class_names
+    mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
+                        **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})
+    mlflow.log_dict({"classes": list(names), "per_class_accuracy": result.per_class_accuracy,
+                     "confusion": result.confusion.tolist()}, "evaluation.json")
+    mlflow.log_figure(plots.confusion_matrix(result.confusion, names), "confusion_matrix.png")
+    say("evaluate", f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.2%} "
+                     f"on {len(dataset.test_labels):,} images")

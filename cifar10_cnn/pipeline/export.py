@@ -1,0 +1,89 @@
+"""export: ONNX export with parity checks, then registration of both flavors with matching tags."""
+
+from __future__ import annotations
+
+import mlflow
+import onnx
+import onnxruntime
+import torch
+from mlflow.models import infer_signature
+
+from .. import constants as C
+from .. import export, models, params, registry, tracking
+from ..errors import CheckFailed, UserError
+from .common import dataset_of, model_metadata, nhwc, say
+from .train import trained
+
+
+def run(train_run_id: str, evaluate_run_id: str, model_name: str) -> None:
+    model_name = params.model_name(model_name)
+    train_run, net, config = trained(params.run_id("train_run_id", train_run_id))
+    eval_run = tracking.upstream(params.run_id("evaluate_run_id", evaluate_run_id), "evaluate")
+    if eval_run.data.params.get("train_run_id") != train_run_id:
+        raise UserError(f"evaluate run {evaluate_run_id} evaluated train run "
+                        f"{eval_run.data.params.get('train_run_id')}, not {train_run_id}")
+    ingest_run_id = train_run.data.params["ingest_run_id"]
+    dataset = dataset_of(ingest_run_id, ("test",))
+    images = nhwc(dataset.test_images)
+    model = models.RawPixelClassifier(net).eval()
+
+    # ONNX: export, check, and compare with PyTorch on every test image.
+    proto = export.to_onnx(model, torch.from_numpy(images[:8]))
+    reference = export.torch_predictor(model)
+    onnx_parity = export.compare(reference, export.onnx_predictor(export.session(proto)), images)
+    # The PyTorch flavor as logged (a torch.export program) must compute what the checkpoint does.
+    pytorch_uri = train_run.data.tags[C.TAG_PYTORCH_MODEL_URI]
+    logged = export.torch_predictor(mlflow.pytorch.load_model(pytorch_uri))
+    pytorch_parity = export.compare(reference, logged, images)
+    mlflow.log_metrics({"onnx_max_abs_diff": onnx_parity.max_abs_diff,
+                        "onnx_argmax_mismatches": onnx_parity.argmax_mismatches,
+                        "pytorch_flavor_max_abs_diff": pytorch_parity.max_abs_diff,
+                        "parity_images": onnx_parity.images})
+    for flavor, parity in (("ONNX", onnx_parity), ("logged PyTorch", pytorch_parity)):
+        if parity.argmax_mismatches or parity.max_abs_diff > C.ONNX_MAX_ABS_DIFF:
+            raise CheckFailed(
+                f"{flavor} model disagrees with the checkpoint: max |logit diff| {parity.max_abs_diff:.2e} "
+                f"(tolerance {C.ONNX_MAX_ABS_DIFF:.0e}), {parity.argmax_mismatches} of {parity.images} "
+                "predictions differ; nothing was registered"
+            )
+    say("export", f"ONNX parity on {onnx_parity.images:,} test images: max |logit diff| "
+                   f"{onnx_parity.max_abs_diff:.1e}, {onnx_parity.argmax_mismatches} differing predictions")
+
+    example = images[:4]
+    logits = reference(example)
+    # An explicit signature: with only a uint8 example, MLflow's JSON round trip turns it into int64
+    # and the model would be logged with no signature at all.
+    onnx_info = mlflow.onnx.log_model(
+        proto, name=C.ONNX_MODEL_NAME, signature=infer_signature(example, logits), input_example=example,
+        save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+        metadata=model_metadata(dataset.class_names),
+    )
+    onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
+    mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, "cifar10.onnx_path": onnx_path})
+
+    accuracy = eval_run.data.metrics["test_accuracy"]
+    export_run_id = mlflow.active_run().info.run_id
+    parent = mlflow.get_run(export_run_id).data.tags.get("mlflow.parentRunId", "")
+    tags = {"ingest_run_id": ingest_run_id, "train_run_id": train_run_id, "evaluate_run_id": evaluate_run_id,
+            "export_run_id": export_run_id, "pipeline_run_id": parent, "test_accuracy": f"{accuracy:.4f}",
+            "dataset_sha256": mlflow.get_run(ingest_run_id).data.tags.get("cifar10.sha256", ""),
+            "model": config.model, "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}"}
+    onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
+    pt_version = registry.register(pytorch_uri, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
+    onnx_version = registry.register(onnx_info.model_uri, onnx_name,
+                                     {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
+                                     C.CANDIDATE_ALIAS)
+    mlflow.MlflowClient().set_model_version_tag(model_name, pt_version.version, "onnx_version", onnx_version.version)
+    mlflow.set_tags({"cifar10.registered.pytorch": f"{model_name}/{pt_version.version}",
+                     "cifar10.registered.onnx": f"{onnx_name}/{onnx_version.version}"})
+    say("export", f"registered {model_name} v{pt_version.version} and {onnx_name} v{onnx_version.version}, "
+                   f"alias @{C.CANDIDATE_ALIAS}")
+
+
+def local_model_file(model_id: str, filename: str) -> str:
+    location = mlflow.get_logged_model(model_id).artifact_location
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    return f"{location.rstrip('/')}/{filename}"
