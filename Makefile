@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs, runs the recipe (EPOCHS=5; DATA=auto or a path/URL)
 #   make test   creates .venv, installs dev deps, runs ruff and the whole test suite with coverage
+#   make bench  the side-by-side benchmark of bench/ (EPOCHS, DATA as for run)
 PYTHON ?= python3
 VENV ?= .venv
 EPOCHS ?= 5
 DATA ?= auto
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: install run test test-fast lint ui clean
+.PHONY: install run test test-fast lint bench ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,10 @@ test: lint
 # the quick loop while developing: no end-to-end `mlflow run` tests
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# seed recipe vs ours, the whole mlflow run, inference: prints a table (DATA as for run)
+bench: install
+	$(BIN)/python -m bench.bench --data $(DATA) --epochs $(EPOCHS)
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

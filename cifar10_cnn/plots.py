@@ -45,3 +45,56 @@ def confusion_matrix(confusion: np.ndarray, class_names) -> Figure:
     ax.set_title(f"confusion matrix (rows normalized), accuracy {acc:.2%}")
     fig.tight_layout()
     return fig
+
+
+def training_curves(history) -> Figure:
+    """Loss and accuracy per epoch from a list of training.EpochResult."""
+    epochs = [h.epoch for h in history]
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [h.loss for h in history], marker="o")
+    loss_ax.set_title("training loss (cross-entropy)")
+    acc_ax.plot(epochs, [100 * h.accuracy for h in history], marker="o", color="tab:green")
+    acc_ax.set_title("training accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_accuracy(class_names, accuracies, overall: float) -> Figure:
+    fig = Figure(figsize=(8, 3.8), dpi=100)
+    ax = fig.subplots()
+    values = [100 * a for a in accuracies]
+    bars = ax.bar(range(len(class_names)), values, color="tab:blue")
+    ax.axhline(100 * overall, color="tab:red", linestyle="--", label=f"overall {overall:.1%}")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy per class")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def confident_mistakes(images, labels, probabilities, class_names, count: int = 24) -> Figure:
+    """The `count` wrong predictions the model was surest of; images uint8 NCHW, probabilities [N, C]."""
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+    cols = 8
+    rows = max(1, -(-len(worst) // cols))
+    fig = Figure(figsize=(cols * 1.35, rows * 1.6 + 0.4), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, worst, strict=False):
+        ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
+        guess = f"{class_names[predicted[i]]} {probabilities[i, predicted[i]]:.0%}"
+        ax.set_title(f"{guess}\ntrue: {class_names[labels[i]]}", fontsize=7, color="tab:red")
+    fig.suptitle("most confident mistakes (predicted, confidence / true class)", fontsize=10)
+    fig.tight_layout()
+    return fig

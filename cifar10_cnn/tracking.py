@@ -3,6 +3,7 @@ what an upstream step left in the tracking store."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -23,8 +24,10 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_step(step: str, body: Callable[..., None], **kwargs) -> None:
+def run_step(step: str, body: Callable[..., None], system_metrics: bool = False, **kwargs) -> None:
     """Run `body(**kwargs)` inside the active MLflow run (the one `mlflow run` made, or a new one).
+
+    With `system_metrics`, MLflow samples CPU, memory (and GPU where present) every 2 s into the run.
 
     A UserError becomes one line on stderr, a FAILED run and exit code 2; Ctrl-C or SIGTERM a KILLED
     run and exit code 130; any other exception a FAILED run and the traceback.
@@ -32,7 +35,12 @@ def run_step(step: str, body: Callable[..., None], **kwargs) -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if not interactive():  # MLflow's own artifact bars would fill log files with carriage returns
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.start_run()
+    if system_metrics:
+        # Its INFO lines (start, stop, "skip GPU metrics") would bury a step's one-line error.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        mlflow.set_system_metrics_sampling_interval(2)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    mlflow.start_run(log_system_metrics=system_metrics)
     try:
         mlflow.set_tag(STEP_TAG, step)
         # The step's own arguments are its params, as `mlflow run` would log them: downstream steps

@@ -15,7 +15,7 @@ def main(argv=None):
     parser.add_argument("--seed", default="42")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-    tracking.run_step("train", step.run, **vars(args))
+    tracking.run_step("train", step.run, system_metrics=True, **vars(args))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import mlflow
 import pytest
 
 from cifar10_cnn import constants as C
-from tests import synthetic
+from cifar10_cnn import synthetic
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 

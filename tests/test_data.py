@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import data
+from cifar10_cnn import data, synthetic
 from cifar10_cnn.errors import UserError
-from tests import synthetic
 
 
 def read(path: Path, expected=None) -> data.Cifar10:

@@ -36,7 +36,11 @@ def test_each_command_parses_with_its_step_script(entry, monkeypatch):
     assert argv[:3] == ["python", "-m", f"steps.{entry}"]
     module = importlib.import_module(f"steps.{entry}")
     seen = {}
-    monkeypatch.setattr(module.tracking, "run_step", lambda step, body, **kwargs: seen.update(kwargs, step=step))
+
+    def fake_run_step(step, body, system_metrics=False, **kwargs):
+        seen.update(kwargs, step=step)
+
+    monkeypatch.setattr(module.tracking, "run_step", fake_run_step)
     module.main(argv[3:])
     assert seen.pop("step") == entry
     assert seen == values  # every MLproject parameter reaches the step under its own name

@@ -9,8 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
+from cifar10_cnn import synthetic
 from steps import evaluate, export, ingest, main, train
-from tests import synthetic
 from tests.conftest import isolate
 
 
@@ -74,6 +74,8 @@ def test_train_logs_curves_checkpoint_and_model(chain):
     assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value
     assert len(MlflowClient().get_metric_history(run.info.run_id, "train_accuracy")) == 2
     assert run.data.metrics["peak_rss_mib"] > 50
+    assert "training_curves.png" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=C.CHECKPOINT_PATH),
                       weights_only=True)
     assert ckpt["model"] == "simple_cnn" and ckpt["config"]["epochs"] == 2
@@ -94,7 +96,7 @@ def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
     ev = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/evaluation.json")
     assert np.array(ev["confusion"]).sum() == 100
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
-    assert "confusion_matrix.png" in names
+    assert {"confusion_matrix.png", "per_class_accuracy.png", "confident_mistakes.png"} <= names
 
 
 def test_export_registers_both_flavors_matched_and_aliased(chain):
@@ -108,6 +110,10 @@ def test_export_registers_both_flavors_matched_and_aliased(chain):
         assert v.tags["train_run_id"] == chain["train"] and v.tags["evaluate_run_id"] == chain["evaluate"]
         accuracy = mlflow.get_run(chain["evaluate"]).data.metrics["test_accuracy"]
         assert float(v.tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    for v, name in ((pt, "tiny"), (onnx_v, "tiny-onnx")):  # the model card
+        card = client.get_model_version(name, str(v.version)).description
+        assert f"models:/{name}/{v.version}" in card and "62,006 parameters" in card
+        assert f"Test accuracy {100 * float(v.tags['test_accuracy']):.2f} %" in card and "ONNX parity" in card
     assert onnx_v.tags["pytorch_version"] == str(pt.version) and pt.tags["onnx_version"] == str(onnx_v.version)
     # The registered ONNX model takes raw uint8 pixels and agrees with the registered PyTorch model.
     images = synthetic.images_for(np.arange(7) % 10, np.random.default_rng(1)).transpose(0, 2, 3, 1).copy()

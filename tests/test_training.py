@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifar10_cnn import models, training
+from cifar10_cnn import models, synthetic, training
 from cifar10_cnn.errors import UserError
-from tests import synthetic
 
 
 def data(n=320, seed=0):

@@ -29,5 +29,10 @@ def run(train_run_id: str, device: str) -> None:
     mlflow.log_dict({"classes": list(names), "per_class_accuracy": result.per_class_accuracy,
                      "confusion": result.confusion.tolist()}, "evaluation.json")
     mlflow.log_figure(plots.confusion_matrix(result.confusion, names), "confusion_matrix.png")
+    mlflow.log_figure(plots.per_class_accuracy(names, result.per_class_accuracy, result.accuracy),
+                      "per_class_accuracy.png")
+    probabilities = torch.softmax(logits, 1).numpy()
+    mlflow.log_figure(plots.confident_mistakes(dataset.test_images, dataset.test_labels, probabilities, names),
+                      "confident_mistakes.png")
     say("evaluate", f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.2%} "
                      f"on {len(dataset.test_labels):,} images")

@@ -75,7 +75,24 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str) -> None:
     onnx_version = registry.register(onnx_info.model_uri, onnx_name,
                                      {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
                                      C.CANDIDATE_ALIAS)
-    mlflow.MlflowClient().set_model_version_tag(model_name, pt_version.version, "onnx_version", onnx_version.version)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(model_name, pt_version.version, "onnx_version", onnx_version.version)
+    ingest_run = mlflow.get_run(ingest_run_id)
+    card = {
+        "model": config.model, "num_parameters": int(train_run.data.params.get("num_parameters", 0)),
+        "train_params": train_run.data.params, "source": ingest_run.data.tags.get("cifar10.source", "?"),
+        "sha256": tags["dataset_sha256"],
+        "sizes": {k: int(ingest_run.data.metrics.get(f"{k}_records", 0)) for k in ("train", "test")},
+        "test_accuracy": accuracy, "test_loss": eval_run.data.metrics["test_loss"],
+        "per_class": {c: eval_run.data.metrics.get(f"test_accuracy_{c}", float("nan")) for c in dataset.class_names},
+        "onnx_max_abs_diff": onnx_parity.max_abs_diff, "onnx_mismatches": onnx_parity.argmax_mismatches,
+        "parity_images": onnx_parity.images,
+        "run_ids": {k: tags[f"{k}_run_id"] for k in ("pipeline", "ingest", "train", "evaluate", "export")},
+    }
+    for name, version, flavor in ((model_name, pt_version.version, "pytorch"),
+                                  (onnx_name, onnx_version.version, "onnx")):
+        text = registry.model_card(name=name, version=str(version), flavor=flavor, **card)
+        client.update_model_version(name, version, description=text)
     mlflow.set_tags({"cifar10.registered.pytorch": f"{model_name}/{pt_version.version}",
                      "cifar10.registered.onnx": f"{onnx_name}/{onnx_version.version}"})
     say("export", f"registered {model_name} v{pt_version.version} and {onnx_name} v{onnx_version.version}, "

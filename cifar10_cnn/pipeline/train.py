@@ -12,7 +12,7 @@ from mlflow.models import infer_signature
 
 from .. import constants as C
 from .. import data as datalib
-from .. import models, params, tracking, training
+from .. import models, params, plots, tracking, training
 from ..errors import UserError
 from .common import base_version, dataset_of, model_metadata, nhwc, peak_rss_mib, say
 
@@ -46,6 +46,7 @@ def run(ingest_run_id: str, epochs: str, batch_size: str, learning_rate: str, se
     history = training.train(net, torch.from_numpy(dataset.train_images),
                              torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch)
     net.cpu().eval()
+    mlflow.log_figure(plots.training_curves(history), "training_curves.png")
     if (rss := peak_rss_mib()) is not None:
         mlflow.log_metric("peak_rss_mib", rss)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,207 @@
+"""Side-by-side benchmark: the seed's recipe against ours, the whole `mlflow run`, and inference.
+
+    python -m bench.bench                 # data as the recipe finds it ($CIFAR10_ARCHIVE, data/, download)
+    python -m bench.bench --data PATH     # an archive or an extracted folder
+    python -m bench.bench --quick         # smoke run on small synthetic data (the test suite runs it)
+
+Everything runs in one invocation on one machine, so the ratios compare like with like; on a noisy
+machine compare ratios, not absolute numbers. It prints numbers and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from bench import seed_recipe
+from cifar10_cnn import constants as C
+from cifar10_cnn import data as datalib
+from cifar10_cnn import evaluation, export, models, synthetic, training
+
+ROOT = Path(__file__).resolve().parents[1]
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def load(args) -> tuple[datalib.Cifar10, Path, str]:
+    """The dataset, the archive or folder it came from, and the expected_records to pass on."""
+    if args.quick:
+        path = synthetic.write_archive(Path(args.workdir) / C.ARCHIVE_NAME, synthetic.batch_files(200, 500))
+        return datalib.read(datalib.Source(path, "archive", str(path)), None), path, "any"
+    cache = Path(os.environ.get(C.CACHE_DIR_ENV, ROOT / C.DEFAULT_CACHE_DIR))
+    source = datalib.resolve_source(args.data, cache)
+    return datalib.read(source), source.path, "50000,10000"
+
+
+def mean_std(values) -> str:
+    values = list(values)
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def bench_seed(ds, epochs) -> dict:
+    secs, loss, acc = seed_recipe.train_and_test(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels,
+                                                 epochs=epochs)
+    n = len(ds.train_labels)
+    return {"epoch_s": secs, "images_per_s": n * len(secs) / sum(secs), "train_s": sum(secs), "loss": loss,
+            "accuracy": acc}
+
+
+def bench_ours(ds, epochs, device="cpu") -> tuple[dict, torch.nn.Module]:
+    config = training.TrainConfig(epochs=epochs)
+    training.seed_everything(config.seed)
+    net = models.build(config.model)
+    target = torch.device(device)
+    history = training.train(net, torch.from_numpy(ds.train_images), torch.from_numpy(ds.train_labels).long(),
+                             config, target)
+    model = models.RawPixelClassifier(net.eval()).to(target)
+    logits = evaluation.predict_logits(model, torch.from_numpy(ds.test_images).to(target).permute(0, 2, 3, 1))
+    result = evaluation.evaluate(logits, torch.from_numpy(ds.test_labels), C.NUM_CLASSES)
+    secs = [h.seconds for h in history]
+    n = len(ds.train_labels)
+    return ({"epoch_s": secs, "images_per_s": n * len(secs) / sum(secs), "train_s": sum(secs),
+             "loss": history[-1].loss, "accuracy": result.accuracy}, model.cpu())
+
+
+def bench_mlflow_run(archive: Path, expected: str, epochs: int, workdir: Path) -> dict:
+    """The whole recipe as a user runs it, in a fresh tracking store; per-step times from the store."""
+    store = workdir / "store"
+    store.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+           C.CACHE_DIR_ENV: str(store / "data"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    args = [MLFLOW, "run", str(ROOT), "--env-manager", "local", "-P", f"epochs={epochs}", "-P", f"data={archive}",
+            "-P", f"expected_records={expected}", "-P", "model_name=bench"]
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=store, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"mlflow run failed:\n{done.stderr[-3000:]}")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    steps = {r.data.tags.get("mlflow.project.entryPoint"): r for r in runs}
+    step_s = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in steps.items()}
+    return {"wall_s": wall, "step_s": step_s, "train_peak_rss_mib": steps["train"].data.metrics.get("peak_rss_mib"),
+            "train_epochs_s": sum(m.value for m in mlflow.MlflowClient().get_metric_history(
+                steps["train"].info.run_id, "epoch_seconds"))}
+
+
+def latency(fn, batch: np.ndarray, calls: int) -> list[float]:
+    for _ in range(max(10, calls // 10)):  # warm up
+        fn(batch)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_inference(model, ds, calls: int) -> dict:
+    images = np.ascontiguousarray(ds.test_images.transpose(0, 2, 3, 1))
+    proto = export.to_onnx(model, torch.from_numpy(images[:8]))
+    predictors = {"pytorch eager": export.torch_predictor(model),
+                  "onnx runtime": export.onnx_predictor(export.session(proto))}
+    out = {}
+    for name, fn in predictors.items():
+        b1 = latency(fn, images[:1], calls)
+        b256 = latency(fn, np.resize(images, (256, *images.shape[1:])), max(20, calls // 20))
+        out[name] = {"b1_images_per_s": 1 / statistics.median(b1), "b1_median_ms": statistics.median(b1) * 1e3,
+                     "b1_p99_ms": float(np.percentile(b1, 99)) * 1e3,
+                     "b256_images_per_s": 256 / statistics.median(b256)}
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
+
+def report(r: dict) -> str:
+    seed, ours, run, inf = r["seed"], r["ours"], r["mlflow_run"], r["inference"]
+    rows = [
+        f"machine: {r['machine']}",
+        f"data: {r['data']}  ({r['train_images']:,} train / {r['test_images']:,} test images, {r['epochs']} epochs, "
+        "batch 32, Adam 1e-3, seed 42)",
+        "",
+        "| training (CPU) | images/s | s/epoch (mean ± std) | train s | final loss | test accuracy |",
+        "|---|---|---|---|---|---|",
+        f"| (a) seed recipe (PIL per sample, DataLoader) | {seed['images_per_s']:,.0f} | {mean_std(seed['epoch_s'])} | "
+        f"{seed['train_s']:.1f} | {seed['loss']:.4f} | {seed['accuracy']:.2%} |",
+        f"| (b) our train step (uint8 tensor in memory) | {ours['images_per_s']:,.0f} | {mean_std(ours['epoch_s'])} | "
+        f"{ours['train_s']:.1f} | {ours['loss']:.4f} | {ours['accuracy']:.2%} |",
+        f"| ratio b/a | **{ours['images_per_s'] / seed['images_per_s']:.2f}x** | | | | "
+        f"{(ours['accuracy'] - seed['accuracy']) * 100:+.2f} points |",
+    ]
+    if r.get("gpu"):
+        g = r["gpu"]
+        rows.append(f"| (b) on {g['device']} | {g['images_per_s']:,.0f} | {mean_std(g['epoch_s'])} | "
+                    f"{g['train_s']:.1f} | {g['loss']:.4f} | {g['accuracy']:.2%} |")
+    else:
+        rows.append("| (b) on CUDA | no CUDA device on this machine | | | | |")
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(run["step_s"].items(), key=lambda kv: kv[0] != "main"))
+    rows += [
+        "",
+        f"whole `mlflow run . -P epochs={r['epochs']}` (4 steps + registration, fresh store): {run['wall_s']:.1f} s = "
+        f"**{run['wall_s'] / seed['train_s']:.2f}x** the seed recipe's training time alone ({seed['train_s']:.1f} s)",
+        f"  runs as recorded by MLflow: {steps}; of train, {run['train_epochs_s']:.1f} s are epochs",
+        f"  train step peak RSS: {run['train_peak_rss_mib']:.0f} MiB",
+        "",
+        "| inference | batch 1 images/s | batch 1 median ms | batch 1 p99 ms | batch 256 images/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in inf.items():
+        rows.append(f"| {name} | {v['b1_images_per_s']:,.0f} | {v['b1_median_ms']:.3f} | {v['b1_p99_ms']:.3f} | "
+                    f"{v['b256_images_per_s']:,.0f} |")
+    e, o = inf["pytorch eager"], inf["onnx runtime"]
+    rows.append(f"| ratio ORT/eager | **{o['b1_images_per_s'] / e['b1_images_per_s']:.2f}x** | | | "
+                f"{o['b256_images_per_s'] / e['b256_images_per_s']:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="auto", help="as the recipe's data parameter (default: auto)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small synthetic data, 1 epoch: a smoke run")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    epochs = 1 if args.quick else args.epochs
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        ds, path, expected = load(args)
+        print(f"benchmarking on {path} ({epochs} epochs) …", file=sys.stderr, flush=True)
+        results = {"machine": machine(), "data": "synthetic (--quick)" if args.quick else str(path),
+                   "train_images": len(ds.train_labels), "test_images": len(ds.test_labels), "epochs": epochs}
+        results["seed"] = bench_seed(ds, epochs)
+        results["ours"], model = bench_ours(ds, epochs)
+        if torch.cuda.is_available():
+            results["gpu"], _ = bench_ours(ds, epochs, device="cuda")
+            results["gpu"]["device"] = torch.cuda.get_device_name()
+        results["inference"] = bench_inference(model, ds, calls=100 if args.quick else 2000)
+        results["mlflow_run"] = bench_mlflow_run(path, expected, epochs, Path(workdir))
+    print(report(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark's --quick mode runs end to end, so bench/ never rots. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT_DIR, runs_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_prints_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in runs_env().items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--json", str(out)], cwd=PROJECT_DIR,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("(a) seed recipe", "(b) our train step", "ratio b/a", "whole `mlflow run . -P epochs=1`",
+                "train step peak RSS", "pytorch eager", "onnx runtime", "ratio ORT/eager"):
+        assert row in done.stdout
+    r = json.loads(out.read_text())
+    assert r["train_images"] == 1000 and r["epochs"] == 1
+    for side in ("seed", "ours"):
+        assert r[side]["images_per_s"] > 0 and 0 <= r[side]["accuracy"] <= 1
+    assert set(r["mlflow_run"]["step_s"]) == {"main", "ingest", "train", "evaluate", "export"}
+    assert r["mlflow_run"]["train_peak_rss_mib"] > 0
+    assert set(r["inference"]) == {"pytorch eager", "onnx runtime"}
