@@ -8,7 +8,7 @@ EPOCHS ?= 5
 DATA ?= auto
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: install run test test-fast lint bench ui clean
+.PHONY: install run test test-fast test-browser lint bench ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: lint
 # the quick loop while developing: no end-to-end `mlflow run` tests
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the MLflow UI in headless Chromium (installs Debian's chromium when missing; needs root or sudo)
+test-browser: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python -m pytest -q -m browser tests/test_end_to_end.py
 
 # seed recipe vs ours, the whole mlflow run, inference: prints a table (DATA as for run)
 bench: install

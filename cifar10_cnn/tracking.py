@@ -27,7 +27,8 @@ def _sigterm_as_interrupt(signum, frame):
 def run_step(step: str, body: Callable[..., None], system_metrics: bool = False, **kwargs) -> None:
     """Run `body(**kwargs)` inside the active MLflow run (the one `mlflow run` made, or a new one).
 
-    With `system_metrics`, MLflow samples CPU, memory (and GPU where present) every 2 s into the run.
+    With `system_metrics`, MLflow samples CPU, memory (and GPU where present) into the run, every 2 s
+    unless $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 
     A UserError becomes one line on stderr, a FAILED run and exit code 2; Ctrl-C or SIGTERM a KILLED
     run and exit code 130; any other exception a FAILED run and the traceback.
@@ -38,8 +39,9 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     if system_metrics:
         # Its INFO lines (start, stop, "skip GPU metrics") would bury a step's one-line error.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        mlflow.set_system_metrics_sampling_interval(2)
-        mlflow.set_system_metrics_samples_before_logging(1)
+        # Every 2 s unless the user chose otherwise (MLflow's default, 10 s, is most of a short run).
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     mlflow.start_run(log_system_metrics=system_metrics)
     try:
         mlflow.set_tag(STEP_TAG, step)

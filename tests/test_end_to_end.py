@@ -1,7 +1,12 @@
 """The recipe through the real `mlflow run` CLI, as a user runs it. Slow: each step is a process."""
 
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -77,6 +82,8 @@ def test_summary_names_accuracy_runs_and_versions(store):
     acc = parent.data.metrics["test_accuracy"]
     assert f"test accuracy : {acc:.2%}" in out
     assert "e2e v1 (@candidate), e2e-onnx v1 (@candidate)" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert out.split("=" * 80)[2].strip() in parent.data.tags["mlflow.note.content"]  # the run's description
     onnx_path = out.split("ONNX model    : ")[1].split()[0]
     assert Path(onnx_path).is_file() and onnx_path.endswith(".onnx")
 
@@ -104,3 +111,76 @@ def test_bad_parameter_fails_before_any_step(store):
     parent = parents()[-1]
     assert parent.info.status == "FAILED" and children(parent.info.run_id) == {}
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == n_runs + 1
+
+
+# --- the MLflow UI in a real browser -----------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = PROJECT_DIR / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(store, tmp_path_factory):
+    port = free_port()
+    home = tmp_path_factory.mktemp("ui")
+    server = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", mlflow.get_tracking_uri(), "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=home, env=runs_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow ui did not answer /health within 60 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def browse(url: str, tmp_path, screenshot: Path | None = None) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium; optionally a screenshot too."""
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", "--window-size=1400,1000"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    if screenshot:
+        subprocess.run([*common, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    return dom
+
+
+def visible_text(dom: str) -> str:
+    text = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
+                    "`make test-browser` installs it and runs this test")
+def test_mlflow_ui_shows_nested_steps_metrics_and_images(ui, tmp_path):
+    (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
+    steps = children(parent.info.run_id)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "mlflow-ui-parent-run.png"
+    page = visible_text(browse(f"{ui}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}",
+                               tmp_path, shot))
+    child_list = re.search(r"Child runs ((?:\w+ ?,? ?){4})", page)
+    assert child_list, page[:2000]
+    assert set(re.findall(r"\w+", child_list.group(1))) == {"ingest", "train", "evaluate", "export"}
+    assert f"test_accuracy {parent.data.metrics['test_accuracy']:.3f}".rstrip("0") in page
+    assert shot.is_file() and shot.read_bytes().startswith(b"\x89PNG")
+
+    evaluate = steps["evaluate"]
+    dom = browse(f"{ui}/#/experiments/{evaluate.info.experiment_id}/runs/{evaluate.info.run_id}"
+                 "/artifacts/confusion_matrix.png", tmp_path, SCREENSHOTS / "mlflow-ui-confusion-matrix.png")
+    assert re.search(r'<img alt="confusion_matrix\.png" src="blob:', dom), "the UI did not load the image"

@@ -39,6 +39,7 @@ def chain(tmp_path_factory, archive):
     """ingest -> train -> evaluate -> export once, each step called as its script would be."""
     with pytest.MonkeyPatch.context() as mp:
         isolate(tmp_path_factory.mktemp("chain"), mp)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # the tiny train run lasts ~3 s
         ingest.main(["--data", str(archive), "--expected-records", "any"])
         ingest_id = only_run("ingest").info.run_id
         train.main(["--ingest-run-id", ingest_id, "--epochs", "2", "--batch-size", "16", "--device", "cpu"])

@@ -74,3 +74,21 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device 'cuda' was requested but torch sees no CUDA GPU"):
             training.select_device("cuda")
+
+
+def test_our_adam_is_bit_for_bit_the_seeds_default_adam():
+    """The default recipe must compute the seed's update: PyTorch's default (per-tensor) Adam."""
+    images, labels = data(n=128)
+    config = training.TrainConfig(epochs=1, batch_size=32)
+    ours, _ = fit(config, images, labels)
+    training.seed_everything(config.seed)
+    ref = models.build("simple_cnn")
+    optimizer = torch.optim.Adam(ref.parameters(), lr=config.learning_rate, foreach=False)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
+    for i in range(0, len(labels), config.batch_size):
+        idx = order[i : i + config.batch_size]
+        loss = torch.nn.functional.cross_entropy(ref(models.normalize(images[idx])), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mlflow
 
-from .. import constants as C
 from .. import data as datalib
 from .. import params
 from ..errors import UserError
@@ -70,16 +69,20 @@ def run(**raw) -> None:
     metrics = mlflow.get_run(evaluate_id).data.metrics
     mlflow.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]})
     export_tags = mlflow.get_run(export_id).data.tags
-    print(summary(parent.info.run_id, {"ingest": ingest_id, "train": train_id, "evaluate": evaluate_id,
-                                       "export": export_id}, metrics, export_tags), flush=True)
+    text = summary(parent.info.run_id, {"ingest": ingest_id, "train": train_id, "evaluate": evaluate_id,
+                                        "export": export_id}, metrics, export_tags)
+    mlflow.set_tag("mlflow.note.content", f"```\n{text}\n```")  # the run's description in `mlflow ui`
+    print(text, flush=True)
 
 
 def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> str:
     line = "=" * 80
-    registered = ", ".join(
-        f"{export_tags[f'cifar10.registered.{f}'].replace('/', ' v')} (@{C.CANDIDATE_ALIAS})"
-        for f in ("pytorch", "onnx")
-    )
+    client = mlflow.MlflowClient()
+    registered = []
+    for flavor in ("pytorch", "onnx"):
+        name, version = export_tags[f"cifar10.registered.{flavor}"].split("/")
+        aliases = client.get_model_version(name, version).aliases
+        registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
     steps = ", ".join(f"{name} {rid}" for name, rid in run_ids.items())
     return "\n".join([
         line, "CIFAR-10 CNN pipeline finished", line,
@@ -88,8 +91,14 @@ def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> 
         f"  ONNX model    : {export_tags.get('cifar10.onnx_path', '?')}",
         f"  parent run    : {parent_id}",
         f"  step runs     : {steps}",
-        f"  registered    : {registered}",
-        f"  tracking      : {mlflow.get_tracking_uri()}",
-        "  browse with   : mlflow ui   (in this folder; or --backend-store-uri <tracking URI>)",
+        f"  registered    : {', '.join(registered)}",
+        f"  look at it    : {ui_command(mlflow.get_tracking_uri())}",
         line,
     ])
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How to open this store in the MLflow UI: a server is already a UI; a local store needs `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
