@@ -17,8 +17,9 @@ def test_quick_benchmark_prints_every_section(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--json", str(out)], cwd=PROJECT_DIR,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for row in ("(a) seed recipe", "(b) our train step", "ratio b/a", "whole `mlflow run . -P epochs=1`",
-                "train step peak RSS", "pytorch eager", "onnx runtime", "ratio ORT/eager"):
+    for row in ("(a) seed recipe", "(b) our train step", "ratio b/a", "interleaved (3 rounds",
+                "whole `mlflow run . -P epochs=1`", "train step peak RSS", "pytorch eager", "onnx runtime",
+                "ratio ORT/eager"):
         assert row in done.stdout
     r = json.loads(out.read_text())
     assert r["train_images"] == 1000 and r["epochs"] == 1
@@ -26,4 +27,5 @@ def test_quick_benchmark_prints_every_section(tmp_path):
         assert r[side]["images_per_s"] > 0 and 0 <= r[side]["accuracy"] <= 1
     assert set(r["mlflow_run"]["step_s"]) == {"main", "ingest", "train", "evaluate", "export"}
     assert r["mlflow_run"]["train_peak_rss_mib"] > 0
+    assert len(r["interleaved"]["ratios"]) == 3 and r["interleaved"]["median_ratio"] > 0
     assert set(r["inference"]) == {"pytorch eager", "onnx runtime"}
