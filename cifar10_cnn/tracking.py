@@ -3,6 +3,7 @@ what an upstream step left in the tracking store."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -24,6 +25,24 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _end_with_parent() -> None:
+    """Make this process get SIGTERM when its parent exits (Linux), so no step outlives the recipe.
+
+    `mlflow run` cancels its child only on Ctrl-C; killed with SIGTERM it dies alone and its child would
+    train on as an orphan, its run RUNNING forever. With this, the orphan is told at once, and its SIGTERM
+    handler ends its own run and cancels its own child step in turn.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_step(step: str, body: Callable[..., None], system_metrics: bool = False, **kwargs) -> None:
     """Run `body(**kwargs)` inside the active MLflow run (the one `mlflow run` made, or a new one).
 
@@ -31,9 +50,13 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     unless $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
 
     A UserError becomes one line on stderr, a FAILED run and exit code 2; Ctrl-C or SIGTERM a KILLED
-    run and exit code 130; any other exception a FAILED run and the traceback.
+    run (which a parent `mlflow run` may then record as FAILED) and exit code 130; any other exception a
+    FAILED run and the traceback.
     """
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # A process started in the background inherits SIGINT ignored; Ctrl-C must still stop a step.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _end_with_parent()
     if not interactive():  # MLflow's own artifact bars would fill log files with carriage returns
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if system_metrics:
@@ -55,7 +78,7 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
         sys.exit(2)
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
-        print(f"error: {step}: interrupted; the run is marked KILLED", file=sys.stderr)
+        print(f"error: {step}: interrupted; its run is ended and nothing more is logged", file=sys.stderr)
         sys.exit(130)
     except BaseException:
         mlflow.end_run("FAILED")
