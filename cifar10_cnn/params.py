@@ -79,3 +79,20 @@ def expected_records(value: str) -> dict[str, int] | None:
         raise UserError(f"expected_records must be 'TRAIN,TEST' (e.g. 50000,10000) or 'any', got {value!r}")
     train, test = (positive_int("expected_records", p) for p in parts)
     return {"train": train, "test": test}
+
+
+def boolean(name: str, value: str | bool) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"{name} must be true or false, got {value!r}")
+
+
+def version_ref(value: str) -> str:
+    """A registered version: its number, or an alias such as 'candidate' or 'previous'."""
+    text = str(value).strip()
+    if not re.match(r"^([1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]{0,63})$", text):
+        raise UserError(f"version must be a version number or an alias (e.g. candidate, previous), got {value!r}")
+    return text

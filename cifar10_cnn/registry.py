@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from .errors import UserError
 
 
 def register(model_uri: str, name: str, tags: dict, alias: str | None) -> ModelVersion:
@@ -44,3 +49,83 @@ def model_card(
         "",
         f"Load: `{load}(\"{uri}\")`. Serve: `mlflow models serve -m {uri} --env-manager local -p 5001`.",
     ])
+
+
+# --- promotion: move `champion` only to a version at least as good, both flavors together -------------
+
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(candidate_accuracy: float, champion_accuracy: float | None, same_version: bool, force: bool) -> Decision:
+    """The promotion gate, as a pure function of the two test accuracies."""
+    if same_version:
+        return Decision(False, "already the champion")
+    if champion_accuracy is None:
+        return Decision(True, f"no champion yet; candidate test accuracy {candidate_accuracy:.4f}")
+    if candidate_accuracy >= champion_accuracy:
+        return Decision(True, f"test accuracy {candidate_accuracy:.4f} >= champion's {champion_accuracy:.4f}")
+    if force:
+        return Decision(True, f"forced: test accuracy {candidate_accuracy:.4f} < champion's {champion_accuracy:.4f}")
+    return Decision(False, f"test accuracy {candidate_accuracy:.4f} < champion's {champion_accuracy:.4f}")
+
+
+def _accuracy(version: ModelVersion, name: str) -> float:
+    try:
+        return float(version.tags["test_accuracy"])
+    except (KeyError, ValueError):
+        raise UserError(f"{name} v{version.version} has no test_accuracy tag; only versions registered by the "
+                        "export step can be promoted") from None
+
+
+def _version(client: MlflowClient, name: str, ref: str) -> ModelVersion:
+    """A version by number or by alias ('candidate', 'previous', ...)."""
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise UserError(f"registered model {name!r} has no version {ref!r}") from None
+
+
+def promote(
+    client: MlflowClient, name: str, ref: str, onnx_name: str, force: bool = False
+) -> tuple[Decision, str, str | None]:
+    """Point `champion` of `name` and `onnx_name` at the versions one training run made, if the gate allows.
+
+    The replaced versions get the alias `previous`, so rolling back is one more promotion (`previous`,
+    forced). Returns the decision, the candidate's version and the replaced version, if any. Every
+    check runs before the first alias moves: a refused or invalid promotion changes no alias.
+    """
+    candidate = _version(client, name, ref)
+    accuracy = _accuracy(candidate, name)
+    onnx_candidate = _version(client, onnx_name, candidate.tags.get("onnx_version", "?"))
+    if onnx_candidate.tags.get("train_run_id") != candidate.tags.get("train_run_id"):
+        raise UserError(f"{onnx_name} v{onnx_candidate.version} was not trained by the same run as "
+                        f"{name} v{candidate.version}; refusing to pair them")
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    decision = decide(accuracy, _accuracy(champion, name) if champion else None,
+                      champion is not None and str(champion.version) == str(candidate.version), force)
+    outcome = "promoted" if decision.promote else "refused"
+    for model, version in ((name, candidate.version), (onnx_name, onnx_candidate.version)):
+        client.set_model_version_tag(model, str(version), "promotion", f"{outcome}: {decision.reason}")
+    if not decision.promote:
+        return decision, str(candidate.version), None
+    replaced = None
+    if champion is not None:
+        onnx_champion = client.get_model_version_by_alias(onnx_name, CHAMPION)
+        client.set_registered_model_alias(name, PREVIOUS, champion.version)
+        client.set_registered_model_alias(onnx_name, PREVIOUS, onnx_champion.version)
+        client.set_model_version_tag(name, str(champion.version), "replaced_by", str(candidate.version))
+        replaced = str(champion.version)
+    client.set_registered_model_alias(onnx_name, CHAMPION, onnx_candidate.version)
+    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    return decision, str(candidate.version), replaced

@@ -113,6 +113,17 @@ def test_bad_parameter_fails_before_any_step(store):
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == n_runs + 1
 
 
+def test_promote_entry_point_moves_champion_on_both_flavors(store):
+    args = [MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local", "-e", "promote", "-P", "model_name=e2e"]
+    done = subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient()
+    pt = client.get_model_version_by_alias("e2e", "champion")
+    onnx_v = client.get_model_version_by_alias("e2e-onnx", "champion")
+    assert pt.tags["train_run_id"] == onnx_v.tags["train_run_id"]
+    assert pt.tags["promotion"].startswith("promoted: no champion yet")
+
+
 # --- the MLflow UI in a real browser -----------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,0 +1,102 @@
+"""Promotion: champion moves only to a version at least as good, both flavors together, with a record."""
+
+import pytest
+from mlflow import MlflowClient
+
+from cifar10_cnn import registry
+from cifar10_cnn.errors import UserError
+from steps import promote as promote_step
+
+
+def register_pair(client, tmp_path, accuracy, run="r", tags_ok=True):
+    """A PyTorch and an ONNX version of one (pretend) training run, tagged as the export step does."""
+    for name in ("m", "m-onnx"):
+        try:
+            client.get_registered_model(name)
+        except Exception:
+            client.create_registered_model(name)
+    tags = {"train_run_id": run * 32}
+    if tags_ok:
+        tags["test_accuracy"] = f"{accuracy:.4f}"
+    onnx_v = client.create_model_version("m-onnx", str(tmp_path), tags=tags)
+    pt = client.create_model_version("m", str(tmp_path), tags={**tags, "onnx_version": str(onnx_v.version)})
+    return str(pt.version), str(onnx_v.version)
+
+
+def aliases(client):
+    return {n: dict(client.get_registered_model(n).aliases) for n in ("m", "m-onnx")}
+
+
+def test_decide():
+    assert registry.decide(0.6, None, False, False).promote
+    assert registry.decide(0.6, 0.6, False, False).promote  # at least as good
+    assert not registry.decide(0.59, 0.6, False, False).promote
+    forced = registry.decide(0.59, 0.6, False, True)
+    assert forced.promote and forced.reason.startswith("forced")
+    assert not registry.decide(0.7, 0.6, True, False).promote  # already champion
+
+
+def test_first_then_better_then_worse_then_forced_then_rollback(store, tmp_path, capsys):
+    client = MlflowClient()
+    v1 = register_pair(client, tmp_path, 0.60, run="a")
+    v2 = register_pair(client, tmp_path, 0.62, run="b")
+    v3 = register_pair(client, tmp_path, 0.55, run="c")
+
+    promote_step.main(["--version", v1[0], "--model-name", "m"])
+    assert aliases(client) == {"m": {"champion": int(v1[0])}, "m-onnx": {"champion": int(v1[1])}}
+
+    promote_step.main(["--version", v2[0], "--model-name", "m"])
+    assert aliases(client) == {"m": {"champion": int(v2[0]), "previous": int(v1[0])},
+                               "m-onnx": {"champion": int(v2[1]), "previous": int(v1[1])}}
+    assert client.get_model_version("m", v2[0]).tags["promotion"].startswith("promoted: test accuracy 0.6200 >=")
+    assert "roll back with `mlflow run . -e promote -P version=previous -P force=true`" in capsys.readouterr().out
+
+    before = aliases(client)
+    with pytest.raises(SystemExit) as exit_:
+        promote_step.main(["--version", v3[0], "--model-name", "m"])
+    assert exit_.value.code == 2
+    assert "not promoting m v3: test accuracy 0.5500 < champion's 0.6200; aliases unchanged" in capsys.readouterr().err
+    assert aliases(client) == before
+    assert client.get_model_version("m-onnx", v3[1]).tags["promotion"].startswith("refused")
+
+    promote_step.main(["--version", "previous", "--model-name", "m", "--force", "true"])  # rollback
+    assert aliases(client)["m"] == {"champion": int(v1[0]), "previous": int(v2[0])}
+    assert client.get_model_version("m", v1[0]).tags["promotion"].startswith("promoted: forced: test accuracy 0.6000 <")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--version", "99"], "registered model 'm' has no version '99'"),
+        (["--version", "nobody"], "registered model 'm' has no version 'nobody'"),
+        (["--version", "1", "--force", "maybe"], "force must be true or false, got 'maybe'"),
+        (["--version", "-1"], "version must be a version number or an alias"),
+    ],
+)
+def test_bad_promotions_change_nothing(store, tmp_path, capsys, argv, message):
+    client = MlflowClient()
+    v1 = register_pair(client, tmp_path, 0.60)
+    promote_step.main(["--version", v1[0], "--model-name", "m"])
+    before = aliases(client)
+    with pytest.raises(SystemExit):
+        promote_step.main([*argv, "--model-name", "m"])
+    assert message in capsys.readouterr().err
+    assert aliases(client) == before
+
+
+def test_a_version_without_metrics_cannot_be_promoted(store, tmp_path, capsys):
+    client = MlflowClient()
+    v1 = register_pair(client, tmp_path, 0.6, tags_ok=False)
+    with pytest.raises(SystemExit):
+        promote_step.main(["--version", v1[0], "--model-name", "m"])
+    assert "m v1 has no test_accuracy tag" in capsys.readouterr().err
+    assert aliases(client) == {"m": {}, "m-onnx": {}}
+
+
+def test_unpaired_flavors_are_refused(store, tmp_path):
+    client = MlflowClient()
+    v1 = register_pair(client, tmp_path, 0.6, run="a")
+    client.set_model_version_tag("m-onnx", v1[1], "train_run_id", "x" * 32)
+    with pytest.raises(UserError, match="was not trained by the same run"):
+        registry.promote(client, "m", v1[0], "m-onnx")
+    assert aliases(client) == {"m": {}, "m-onnx": {}}
