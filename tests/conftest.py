@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import mlflow
@@ -47,3 +48,9 @@ def runs_env() -> dict:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from tests.conftest import PROJECT_DIR, isolate, runs_env
+from tests.conftest import PROJECT_DIR, free_port, isolate, runs_env
 
 pytestmark = pytest.mark.slow
 
@@ -128,12 +127,6 @@ def test_promote_entry_point_moves_champion_on_both_flavors(store):
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = PROJECT_DIR / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

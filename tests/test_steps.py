@@ -1,6 +1,14 @@
 """Each step on its own, in this process, against a temporary tracking store."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -11,7 +19,7 @@ from mlflow import MlflowClient
 from cifar10_cnn import constants as C
 from cifar10_cnn import synthetic
 from steps import evaluate, export, ingest, main, train
-from tests.conftest import isolate
+from tests.conftest import free_port, isolate, runs_env
 
 
 def step_runs(step):
@@ -122,6 +130,78 @@ def test_export_registers_both_flavors_matched_and_aliased(chain):
     torch_out = mlflow.pytorch.load_model(f"models:/tiny@{C.CANDIDATE_ALIAS}")(torch.from_numpy(images)).detach()
     assert np.abs(np.asarray(onnx_out[C.SERVING_OUTPUT]) - torch_out.numpy()).max() < C.ONNX_MAX_ABS_DIFF
     assert json.loads(json.dumps(run.data.tags))["cifar10.registered.onnx"] == f"tiny-onnx/{onnx_v.version}"
+
+
+PORTABLE = """
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):  # as if this project were not installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("cifar10_cnn", "steps", "tests", "bench"):
+            raise ImportError(f"{name} is not available here")
+sys.meta_path.insert(0, Block())
+import numpy as np, torch, mlflow
+images = np.array(json.loads(sys.argv[1]), dtype=np.uint8)
+out = {"pytorch": mlflow.pytorch.load_model("models:/tiny@candidate")(torch.from_numpy(images)).tolist(),
+       "pyfunc": np.asarray(mlflow.pyfunc.load_model("models:/tiny@candidate").predict(images)).tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_registered_pytorch_model_loads_without_this_project(chain, tmp_path):
+    images = synthetic.images_for(np.arange(6) % 10, np.random.default_rng(2)).transpose(0, 2, 3, 1).copy()
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", PORTABLE, json.dumps(images.tolist())], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = mlflow.pytorch.load_model("models:/tiny@candidate")(torch.from_numpy(images)).detach().numpy()
+    assert np.abs(np.array(out["pytorch"]) - expected).max() < 1e-5
+    assert np.abs(np.array(out["pyfunc"]) - expected).max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-onnx", "tiny"])
+def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_path, name):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@candidate",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=runs_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: bytes):
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the model server did not answer /ping within 120 s")
+        images = synthetic.images_for(np.arange(5) % 10, np.random.default_rng(3)).transpose(0, 2, 3, 1).copy()
+        status, reply = post(json.dumps({"inputs": images.tolist()}).encode())
+        assert status == 200
+        predictions = reply["predictions"]
+        got = np.array(predictions[C.SERVING_OUTPUT] if isinstance(predictions, dict) else predictions)
+        expected = mlflow.pytorch.load_model("models:/tiny@candidate")(torch.from_numpy(images)).detach().numpy()
+        assert got.shape == (5, 10) and np.abs(got - expected).max() < C.ONNX_MAX_ABS_DIFF
+        malformed = [b"not json", b""] + [json.dumps({"inputs": x}).encode()
+                                          for x in ([[1, 2, 3]], [], [[["a"] * 3] * 32] * 32)]
+        for body in malformed:
+            status, reply = post(body)
+            assert 400 <= status < 500 and reply["message"], (body[:40], status, reply)
+            assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 # --- bad input: one line, exit 2, FAILED, nothing written downstream ---------------------------------
