@@ -118,7 +118,7 @@ def _local_source(path: Path) -> Source:
 def _download_cached(url: str, cache_dir: Path) -> Path:
     name = posixpath.basename(urllib.parse.urlparse(url).path) or C.ARCHIVE_NAME
     key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    dest = cache_dir / ("cifar-10-binary.tar.gz" if url == C.OFFICIAL_URL else f"{key}-{name}")
+    dest = cache_dir / (C.ARCHIVE_NAME if url == C.OFFICIAL_URL else f"{key}-{name}")
     if dest.is_file():  # only ever renamed into place once complete (and md5-checked if official)
         return dest.resolve()
     return download(url, dest, md5=C.OFFICIAL_MD5 if url == C.OFFICIAL_URL else None)
