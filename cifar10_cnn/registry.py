@@ -60,12 +60,13 @@ CHAMPION, PREVIOUS = "champion", "previous"
 class Decision:
     promote: bool
     reason: str
+    noop: bool = False  # the candidate already is the champion: nothing to change or record
 
 
 def decide(candidate_accuracy: float, champion_accuracy: float | None, same_version: bool, force: bool) -> Decision:
     """The promotion gate, as a pure function of the two test accuracies."""
     if same_version:
-        return Decision(False, "already the champion")
+        return Decision(False, "already the champion", noop=True)
     if champion_accuracy is None:
         return Decision(True, f"no champion yet; candidate test accuracy {candidate_accuracy:.4f}")
     if candidate_accuracy >= champion_accuracy:
@@ -114,6 +115,8 @@ def promote(
         champion = None
     decision = decide(accuracy, _accuracy(champion, name) if champion else None,
                       champion is not None and str(champion.version) == str(candidate.version), force)
+    if decision.noop:  # leave the tags that say why it became champion as they are
+        return decision, str(candidate.version), None
     outcome = "promoted" if decision.promote else "refused"
     for model, version in ((name, candidate.version), (onnx_name, onnx_candidate.version)):
         client.set_model_version_tag(model, str(version), "promotion", f"{outcome}: {decision.reason}")

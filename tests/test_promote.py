@@ -33,7 +33,7 @@ def test_decide():
     assert not registry.decide(0.59, 0.6, False, False).promote
     forced = registry.decide(0.59, 0.6, False, True)
     assert forced.promote and forced.reason.startswith("forced")
-    assert not registry.decide(0.7, 0.6, True, False).promote  # already champion
+    assert registry.decide(0.7, 0.6, True, False).noop  # already champion
 
 
 def test_first_then_better_then_worse_then_forced_then_rollback(store, tmp_path, capsys):
@@ -44,6 +44,9 @@ def test_first_then_better_then_worse_then_forced_then_rollback(store, tmp_path,
 
     promote_step.main(["--version", v1[0], "--model-name", "m"])
     assert aliases(client) == {"m": {"champion": int(v1[0])}, "m-onnx": {"champion": int(v1[1])}}
+    promote_step.main(["--version", v1[0], "--model-name", "m"])  # again: a no-op that keeps the record
+    assert "is already the champion; nothing changed" in capsys.readouterr().out
+    assert client.get_model_version("m", v1[0]).tags["promotion"].startswith("promoted: no champion yet")
 
     promote_step.main(["--version", v2[0], "--model-name", "m"])
     assert aliases(client) == {"m": {"champion": int(v2[0]), "previous": int(v1[0])},

@@ -19,7 +19,7 @@ def run(version: str, model_name: str, force: str) -> None:
     mlflow.set_tags({"cifar10.promotion": "promoted" if decision.promote else "refused",
                      "cifar10.promotion_reason": decision.reason, "cifar10.candidate_version": chosen})
     if not decision.promote:
-        if decision.reason == "already the champion":
+        if decision.noop:
             say("promote", f"{name} v{chosen} is already the champion; nothing changed")
             return
         raise UserError(f"not promoting {name} v{chosen}: {decision.reason}; aliases unchanged "
