@@ -29,6 +29,11 @@ def predict_logits(
     return torch.cat([model(images[i : i + batch_size]).float().cpu() for i in starts])
 
 
+def with_flip(model: Callable[[torch.Tensor], torch.Tensor], width_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Test-time augmentation: the mean of the logits for the images and their mirror images."""
+    return lambda images: (model(images) + model(images.flip(width_dim))) / 2
+
+
 def evaluate(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:
     labels = labels.long()
     predicted = logits.argmax(1)

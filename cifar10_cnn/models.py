@@ -9,7 +9,11 @@ can never drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import constants as C
@@ -45,8 +49,132 @@ class SimpleCNN(nn.Module):
         return self.fc3(x)  # [N, 10] logits
 
 
-# name -> class; the checkpoint stores the name and the constructor's arguments, so it rebuilds itself.
-MODELS: dict[str, type[nn.Module]] = {"simple_cnn": SimpleCNN}
+def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    """3x3 convolution (same size out) -> batch norm -> ReLU. No conv bias: batch norm has one."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+# VGG for 32x32 inputs with batch norm: numbers are 3x3 conv widths, "M" a 2x2 max-pool. Five pools take
+# 32x32 to 1x1, so the classifier is one linear layer on 512 features (the usual CIFAR variant).
+VGG_LAYOUTS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    def __init__(self, layout: str = "vgg11", num_classes: int = C.NUM_CLASSES):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for item in VGG_LAYOUTS[layout]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += conv_bn(c_in, item)
+                c_in = item
+        self.features = nn.Sequential(*layers)  # [N, 3, 32, 32] -> [N, 512, 1, 1]
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 as usually trained on CIFAR: a 3x3 stem and no initial max-pool (11.2 M parameters)."""
+
+    def __init__(self, num_classes: int = C.NUM_CLASSES):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 64))  # [N, 64, 32, 32]
+        stages, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):  # -> 32, 16, 8, 4 pixels square
+            stages += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)  # [N, 512, 4, 4]
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FastBlock(nn.Module):
+    """Conv, 2x2 max-pool, BN, GELU to downsample, then a residual conv-BN-GELU at the new size."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling before batch norm: the norm and activation then work on a quarter of the pixels.
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))  # [N, c_out, H/2, W/2]
+        return x + F.gelu(self.bn2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """A small residual network built to train fast on a CPU, after the CIFAR-10 speed-runs (airbench).
+
+    The stem is a 2x2 convolution whose filters whiten the image patches of the training set (set by
+    `init_from_data`, then frozen), so the first trained layers start from decorrelated inputs.
+    [N, 3, 32, 32] -> stem [N, 24, 31, 31] -> blocks [N, 48, 15, 15] -> [N, 96, 7, 7] -> [N, 192, 3, 3]
+    -> global max-pool [N, 192] -> linear [N, 10].
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (48, 96, 192), num_classes: int = C.NUM_CLASSES):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, kernel_size=2)  # 12 whitening filters and their negatives
+        self.stem.weight.requires_grad_(False)  # fixed by init_from_data; the bias still trains
+        blocks, c_in = [], 24
+        for c_out in widths:
+            blocks.append(FastBlock(c_in, c_out))
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 1e-2) -> None:
+        """Whitening filters from normalized training images `[N, 3, 32, 32]` (a few thousand suffice)."""
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # [N, 3, 31, 31, 2, 2]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # one row per 3x2x2 patch
+        patches = patches - patches.mean(0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).reshape(12, 3, 2, 2)
+        self.stem.weight.copy_(torch.cat([filters, -filters]))  # both signs, so GELU loses nothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.gelu(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+
+
+# name -> constructor; the checkpoint stores the name and the constructor's arguments, so it rebuilds itself.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "simple_cnn": SimpleCNN,
+    "vgg11": partial(VGG, "vgg11"),
+    "vgg16": partial(VGG, "vgg16"),
+    "resnet18": ResNet18,
+    "fastnet": FastNet,
+}
 
 
 def build(name: str, **kwargs) -> nn.Module:

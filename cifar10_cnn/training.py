@@ -6,6 +6,7 @@ normalize on the training device, which is where the seed's recipe spent most of
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -20,20 +21,10 @@ from torch import nn
 from . import models
 from .errors import CheckFailed, UserError
 from .progress import bar
+from .recipes import TrainConfig
 
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint's keys change
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The seed's recipe is the default."""
-
-    model: str = "simple_cnn"
-    epochs: int = 5  # passes over the training set
-    batch_size: int = 32  # images per optimizer step
-    learning_rate: float = 1e-3  # Adam step size
-    seed: int = 42  # model init and shuffling
-
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint's keys change
+WHITENING_IMAGES = 5000  # training images whose patch statistics set FastNet's whitening stem
 
 @dataclass(frozen=True)
 class EpochResult:
@@ -67,6 +58,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    if config.weight_decay:  # decay conv and linear weights only: biases and batch norm stay free
+        trainable = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": config.weight_decay},
+                     {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=config.learning_rate, momentum=0.9, nesterov=True, foreach=True)
+    # foreach: one kernel per operation across all parameters, and bit for bit the update of the default
+    # (per-tensor) Adam the seed used. fused=True is faster still but rounds differently: not the seed's.
+    return torch.optim.Adam(trainable, lr=config.learning_rate, foreach=True)
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Step number -> multiplier of learning_rate: linear warm-up, then the schedule's shape."""
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)  # 0 -> 1 after the warm-up
+        if config.lr_schedule == "onecycle":
+            return max(1.0 - progress, 0.0)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
+
+    return factor
+
+
+def flip_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crops of the zero-padded batch and random horizontal flips, uint8 `[B, 3, H, W]` in and out.
+
+    One gather for the whole batch on its own device; the random numbers come from a CPU generator so
+    that a seed gives the same augmentation on every device.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))  # [B, 3, H + 2p, W + 2p]
+    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) for _ in range(2))
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)  # [B, H] rows of the padded image to take
+    cols = dx[:, None] + torch.arange(w)  # [B, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    device = images.device
+    batch_index = torch.arange(b, device=device)[:, None, None, None]
+    channel_index = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
+
+
 def train(
     net: nn.Module,
     images: torch.Tensor,  # uint8 [N, 3, 32, 32]
@@ -74,31 +114,51 @@ def train(
     config: TrainConfig,
     device: torch.device,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,  # gets a resumable checkpoint after every epoch
+    resume: dict | None = None,  # such a checkpoint: training continues after its last epoch
     check_every: int = 50,  # steps between NaN checks; each check waits for the device
 ) -> list[EpochResult]:
-    net.to(device).train()
     images, labels = images.to(device), labels.to(device)
-    # foreach: one kernel per operation across all parameters, and bit for bit the update of the default
-    # (per-tensor) Adam the seed used. fused=True is faster still but rounds differently: not the seed's.
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, foreach=True)
-    shuffle = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order on every device
+    if resume is None and hasattr(net, "init_from_data"):
+        net.init_from_data(models.normalize(images[:WHITENING_IMAGES]))
+    net.to(device).train()
+    if config.channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(net, config)
     n = len(labels)
     steps = math.ceil(n / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    shuffle = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order on every device
+    augment_rng = torch.Generator().manual_seed(config.seed + 1)
     history: list[EpochResult] = []
-    for epoch in range(1, config.epochs + 1):
+    if resume is not None:
+        net.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        shuffle.set_state(resume["rng"]["shuffle"])
+        augment_rng.set_state(resume["rng"]["augment"])
+        history = [EpochResult(**h) for h in resume["history"]]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(n, generator=shuffle).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for step in bar(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step"):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = models.normalize(images[idx]), labels[idx]  # [B, 3, 32, 32] float32, [B]
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            x, y = images[idx], labels[idx]  # uint8 [B, 3, 32, 32], int64 [B]
+            if config.augment:
+                x = flip_crop(x, 4, augment_rng)
+            x = models.normalize(x).contiguous(memory_format=memory_format)  # float32
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(idx)
+            scheduler.step()
+            loss_sum += loss.detach().float() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
             if step % check_every == 0 and not torch.isfinite(loss_sum):
                 _diverged(loss_sum, epoch, step, config)
@@ -109,6 +169,11 @@ def train(
         history.append(result)
         if on_epoch:
             on_epoch(result)
+        if on_checkpoint:
+            state = {"optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                     "rng": {"shuffle": shuffle.get_state(), "augment": augment_rng.get_state()}}
+            on_checkpoint({**checkpoint(net, config, {}, history), **state})
+    net.to(memory_format=torch.contiguous_format)
     return history
 
 
@@ -128,7 +193,9 @@ def checkpoint(net: nn.Module, config: TrainConfig, model_kwargs: dict, history:
         "model": config.model,
         "model_kwargs": dict(model_kwargs),
         "config": asdict(config),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        # clone: a snapshot, not a view of weights that go on training
+        "state_dict": {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                       for k, v in net.state_dict().items()},
         "history": [asdict(h) for h in history],
     }
 

@@ -47,3 +47,21 @@ def test_export_refuses_a_batch_of_one(exported):
     model, _ = exported
     with pytest.raises(ValueError, match="at least 2 images"):
         export.to_onnx(model, torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16", "resnet18", "fastnet"])
+def test_every_model_exports_with_parity(name):
+    torch.manual_seed(0)
+    net = models.build(name)
+    if hasattr(net, "init_from_data"):
+        net.init_from_data(models.normalize(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)))
+    with torch.no_grad():  # batch-norm statistics as after training, so eval mode is not an identity
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    model = models.RawPixelClassifier(net).eval()
+    proto = export.to_onnx(model, torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    parity = export.compare(export.torch_predictor(model), export.onnx_predictor(export.session(proto)), images)
+    assert parity.argmax_mismatches == 0 and parity.max_abs_diff < C.ONNX_MAX_ABS_DIFF

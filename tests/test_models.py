@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from cifar10_cnn import models
+from cifar10_cnn import models, recipes
 
 
 def test_simple_cnn_is_the_seed_network():
@@ -32,5 +33,44 @@ def test_raw_pixel_classifier_takes_nhwc_uint8():
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match="unknown model 'vgg99'; choose one of simple_cnn"):
+    with pytest.raises(ValueError, match="unknown model 'vgg99'; choose one of simple_cnn, vgg11"):
         models.build("vgg99")
+
+
+# The usual CIFAR variants (e.g. kuangliu/pytorch-cifar) minus the conv biases that batch norm makes
+# redundant: VGG11 9,231,114 - 2,752; VGG16 14,728,266 - 4,224; ResNet-18 has none to remove.
+@pytest.mark.parametrize("name,count", [("vgg11", 9_228_362), ("vgg16", 14_724_042), ("resnet18", 11_173_962),
+                                        ("fastnet", 656_760)])
+def test_every_model_maps_a_batch_to_ten_logits(name, count):
+    net = models.build(name)
+    assert models.count_parameters(net) == count
+    assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_recipes_know_every_model():
+    assert set(recipes.MODEL_NAMES) == set(models.MODELS)
+
+
+def test_resnet18_keeps_full_resolution_in_its_first_stage():
+    net = models.build("resnet18")
+    out = net.stages[0](net.stem(torch.zeros(1, 3, 32, 32)))
+    assert out.shape == (1, 64, 32, 32)  # 3x3 stem, no max-pool: the CIFAR variant
+
+
+def test_fastnet_stem_whitens_image_patches():
+    rng = np.random.default_rng(0)
+    # Correlated channels and neighbouring pixels, like real images.
+    base = rng.normal(0, 1, (400, 1, 33, 33))
+    images = base[:, :, :32, :32] + 0.5 * base[:, :, 1:, 1:] + 0.2 * rng.normal(0, 1, (400, 3, 32, 32))
+    images = torch.from_numpy(images).float()
+    net = models.build("fastnet")
+    weights_before = net.stem.weight.clone()
+    net.init_from_data(images, eps=0.0)
+    assert not torch.equal(weights_before, net.stem.weight) and not net.stem.weight.requires_grad
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, net.stem.weight[:12])  # [N, 12, 31, 31]
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    flat = flat - flat.mean(0)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12), atol=1e-3)
+    assert torch.equal(net.stem.weight[12:], -net.stem.weight[:12])

@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from cifar10_cnn import models, synthetic, training
+from cifar10_cnn import models, recipes, synthetic, training
 from cifar10_cnn.errors import UserError
 
 
@@ -64,7 +66,7 @@ def test_checkpoint_rebuilds_the_same_network():
     with torch.inference_mode():
         x = models.normalize(images[:8])
         assert torch.equal(rebuilt(x), net.eval()(x))
-    with pytest.raises(UserError, match="checkpoint format 0 is not 1"):
+    with pytest.raises(UserError, match=f"checkpoint format 0 is not {training.CHECKPOINT_FORMAT}; retrain"):
         training.rebuild({**ckpt, "format": 0})
 
 
@@ -92,3 +94,71 @@ def test_our_adam_is_bit_for_bit_the_seeds_default_adam():
         loss.backward()
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True))
+
+
+def test_flip_crop_takes_windows_of_the_padded_image():
+    images = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = training.flip_crop(images, 2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flips = 0
+    for pad, got in zip(padded, out, strict=True):
+        windows = [pad[:, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        plain = any(torch.equal(got, w) for w in windows)
+        flipped = any(torch.equal(got, w.flip(2)) for w in windows)
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 15 < flips < 49  # about half are flipped
+    assert not torch.equal(out, images)
+    again = training.flip_crop(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator alone decides
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle", "cosine"])
+def test_learning_rate_schedules(schedule):
+    config = training.TrainConfig(epochs=4, lr_schedule=schedule, warmup_epochs=1)
+    factor = training.lr_factor(config, steps_per_epoch=10)
+    values = [factor(s) for s in range(40)]
+    assert values[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to the peak
+    if schedule == "constant":
+        assert values[10:] == [1.0] * 30
+    else:
+        decay = values[10:]
+        assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] < 0.05
+    if schedule == "cosine":
+        assert values[25] == pytest.approx(0.5)  # half-way through the decay
+
+
+def test_fast_recipe_features_train_and_learn():
+    images, labels = data(n=640)
+    config = recipes.RECIPES["fast"]
+    config = replace(config, epochs=4, batch_size=64, learning_rate=0.2, warmup_epochs=1)
+    _, history = fit(config, images, labels)
+    assert history[-1].loss < history[0].loss
+    assert history[-1].accuracy > 0.5
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run():
+    images, labels = data(n=256)
+    config = replace(recipes.RECIPES["fast"], epochs=3, batch_size=64, warmup_epochs=1, precision="fp32")
+    straight, history = fit(config, images, labels)
+    saved = []
+    training.seed_everything(config.seed)
+    net = models.build(config.model)
+    training.train(net, images, labels, replace(config), torch.device("cpu"), on_checkpoint=saved.append)
+    assert [len(c["history"]) for c in saved] == [1, 2, 3]
+    ckpt = torch.load(_roundtrip(saved[0]), weights_only=True)  # as it would come back from the store
+    fresh = models.build(config.model)  # a new process: different init, same checkpoint
+    resumed = training.train(fresh, images, labels, config, torch.device("cpu"), resume=ckpt)
+    assert [r.loss for r in resumed] == [r.loss for r in history]
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), fresh.state_dict().values(),
+                                                   strict=True))
+
+
+def _roundtrip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer

@@ -11,8 +11,9 @@ from .common import dataset_of, say
 from .train import trained
 
 
-def run(train_run_id: str, device: str) -> None:
+def run(train_run_id: str, device: str, tta: str = "false") -> None:
     target = training.select_device(params.choice("device", device, params.DEVICES))
+    tta = params.boolean("tta", tta)
     train_run, net, config = trained(params.run_id("train_run_id", train_run_id))
     ingest_run_id = train_run.data.params["ingest_run_id"]
     dataset = dataset_of(ingest_run_id, ("test",))
@@ -23,6 +24,11 @@ def run(train_run_id: str, device: str) -> None:
     logits = evaluation.predict_logits(model, images)
     result = evaluation.evaluate(logits, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
 
+    if tta:  # logged beside, never instead of, the plain accuracy: the served model sees one view
+        flipped = evaluation.predict_logits(evaluation.with_flip(model, width_dim=2), images)
+        scored = evaluation.evaluate(flipped, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
+        mlflow.log_metrics({"test_accuracy_tta": scored.accuracy, "test_loss_tta": scored.loss})
+        say("evaluate", f"with flipped copies (TTA): test accuracy {scored.accuracy:.2%}")
     names = dataset.class_names
     mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
                         **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})

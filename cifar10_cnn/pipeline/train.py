@@ -12,39 +12,54 @@ from mlflow.models import infer_signature
 
 from .. import constants as C
 from .. import data as datalib
-from .. import models, params, plots, tracking, training
+from .. import mlmodel, models, params, plots, recipes, tracking, training
 from ..errors import UserError
 from .common import base_version, dataset_of, model_metadata, nhwc, peak_rss_mib, say
 
 
-def run(ingest_run_id: str, epochs: str, batch_size: str, learning_rate: str, seed: str, device: str) -> None:
-    config = training.TrainConfig(
-        epochs=params.positive_int("epochs", epochs),
-        batch_size=params.positive_int("batch_size", batch_size),
-        learning_rate=params.positive_float("learning_rate", learning_rate),
-        seed=params.non_negative_int("seed", seed),
-    )
+def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "", **overrides: str) -> None:
+    """Train `recipe` with `overrides` (each 'auto' or a value), or continue the killed run `resume_run_id`."""
     target = training.select_device(params.choice("device", device, params.DEVICES))
     ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
     dataset = dataset_of(ingest_run_id, ("train", "test"))
+    resume_run_id = str(resume_run_id).strip()
+    if resume_run_id:  # the killed run's recipe and parameters; any given here must agree with them
+        resume = resumable(resume_run_id, ingest_run_id)
+        config = recipes.TrainConfig(**resume["config"])
+        differ = {k: v for k, v in recipes.explicit(overrides).items() if getattr(config, k) != v}
+        if differ:
+            raise UserError(f"resume_run_id {resume_run_id} was trained with "
+                            + ", ".join(f"{k}={getattr(config, k)!r}" for k in differ)
+                            + f", not {', '.join(f'{k}={v!r}' for k, v in differ.items())}; a resumed run keeps "
+                            "its parameters")
+    else:
+        resume, config = None, recipes.resolve(recipe, overrides)
 
     training.seed_everything(config.seed)
     net = models.build(config.model)
     n_params = models.count_parameters(net)
     tracking.log_new_params({**asdict(config), "num_parameters": n_params, "train_device": target,
                              "train_records": len(dataset.train_labels)})
+    mlflow.log_dict(asdict(config), "config.json")  # the resolved recipe, whatever the params said
     mlflow.set_tag("cifar10.sha256", mlflow.get_run(ingest_run_id).data.tags.get("cifar10.sha256", ""))
     say("train", f"{config.model}, {n_params:,} parameters, {len(dataset.train_labels):,} images on {target}; "
-                  f"{config.epochs} epochs, batch {config.batch_size}, Adam lr {config.learning_rate}")
+                  f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.learning_rate} "
+                  f"({config.lr_schedule}), {config.precision}" + (", flip+crop" if config.augment else ""))
 
     def on_epoch(r: training.EpochResult) -> None:
-        mlflow.log_metrics({"train_loss": r.loss, "train_accuracy": r.accuracy, "epoch_seconds": r.seconds,
-                            "train_images_per_s": r.images_per_s}, step=r.epoch)
+        log_epoch(r)
         say("train", f"Epoch [{r.epoch}/{config.epochs}], Loss: {r.loss:.4f}, Accuracy: {r.accuracy:.2%}, "
                       f"{r.seconds:.1f}s ({r.images_per_s:,.0f} img/s)")
 
+    if resume is not None:
+        done = [training.EpochResult(**h) for h in resume["history"]]
+        for r in done:  # the curve so far, so this run alone shows the whole training
+            log_epoch(r)
+        mlflow.set_tag("cifar10.resumed_from", f"{resume_run_id} after epoch {len(done)}")
+        say("train", f"resuming train run {resume_run_id} after epoch {len(done)} of {config.epochs}")
     history = training.train(net, torch.from_numpy(dataset.train_images),
-                             torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch)
+                             torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch,
+                             on_checkpoint=log_checkpoint, resume=resume)
     net.cpu().eval()
     mlflow.log_figure(plots.training_curves(history), "training_curves.png")
     if (rss := peak_rss_mib()) is not None:
@@ -58,15 +73,59 @@ def run(ingest_run_id: str, epochs: str, batch_size: str, learning_rate: str, se
     say("train", f"logged the PyTorch model as {info.model_uri}")
 
 
+def log_epoch(r: training.EpochResult) -> None:
+    mlflow.log_metrics({"train_loss": r.loss, "train_accuracy": r.accuracy, "epoch_seconds": r.seconds,
+                        "train_images_per_s": r.images_per_s}, step=r.epoch)
+
+
+def log_checkpoint(state: dict) -> None:
+    """One file per epoch, never overwritten: a kill during an upload spoils at most the newest one."""
+    epoch = len(state["history"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / C.EPOCH_CHECKPOINT.format(epoch=epoch)
+        torch.save(state, path)
+        mlflow.log_artifact(str(path), C.EPOCH_CHECKPOINT_DIR)
+    mlflow.set_tag(C.TAG_LAST_CHECKPOINT, str(epoch))
+
+
+def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
+    """The newest readable epoch checkpoint of a train run that did not finish, on the same data."""
+    resume_run_id = params.run_id("resume_run_id", resume_run_id)
+    try:
+        old = mlflow.get_run(resume_run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"resume_run_id {resume_run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    if old.data.tags.get(tracking.STEP_TAG) != "train":
+        raise UserError(f"resume_run_id {resume_run_id} is not a train run")
+    if old.info.status == "FINISHED":
+        raise UserError(f"resume_run_id {resume_run_id} FINISHED already; nothing to resume")
+    digest = mlflow.get_run(ingest_run_id).data.tags.get("cifar10.sha256")
+    if old.data.tags.get("cifar10.sha256") != digest:
+        raise UserError(f"resume_run_id {resume_run_id} trained on other data (sha256 "
+                        f"{old.data.tags.get('cifar10.sha256', '?')[:12]}…, now {str(digest)[:12]}…)")
+    names = [f.path for f in mlflow.MlflowClient().list_artifacts(resume_run_id, C.EPOCH_CHECKPOINT_DIR)]
+    for name in sorted(names, reverse=True):  # zero-padded epoch numbers: newest first
+        try:
+            state = torch.load(tracking.artifact(resume_run_id, name), map_location="cpu", weights_only=True)
+            if state.get("format") != training.CHECKPOINT_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}")
+        except Exception as exc:  # e.g. a file cut short by the kill: fall back to the epoch before
+            say("train", f"skipping unusable checkpoint {name} of run {resume_run_id}: {exc}")
+            continue
+        return state
+    raise UserError(f"resume_run_id {resume_run_id} has no usable epoch checkpoint under {C.EPOCH_CHECKPOINT_DIR}/; "
+                    "start a new run")
+
+
 def log_pytorch_flavor(model: torch.nn.Module, dataset: datalib.Cifar10):
     # pt2 (torch.export) wants a numpy example with a batch >= 2, else the batch size is fixed at 1.
     example = nhwc(dataset.test_images[:4] if len(dataset.test_images) >= 2 else dataset.train_images[:4])
     with torch.inference_mode():
         logits = model(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        model, name=C.PYTORCH_MODEL_NAME, signature=infer_signature(example, logits), input_example=example,
-        pip_requirements=[f"torch=={base_version(torch.__version__)}", f"mlflow=={mlflow.__version__}"],
-        metadata=model_metadata(dataset.class_names),
+    return mlmodel.log_pytorch(
+        model, C.PYTORCH_MODEL_NAME, infer_signature(example, logits), example, dataset.class_names,
+        model_metadata(dataset.class_names),
+        [f"torch=={base_version(torch.__version__)}", f"mlflow=={mlflow.__version__}"],
     )
 
 
