@@ -86,3 +86,58 @@ def compare(reference: Predictor, candidate: Predictor, images: np.ndarray, batc
         worst = max(worst, float(np.abs(got - expected).max()))
         mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
     return Parity(len(images), worst, mismatches)
+
+
+def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, batch_size: int = 100) -> onnx.ModelProto:
+    """ONNX Runtime static INT8 quantization (QDQ, per-channel weights), calibrated on uint8 NHWC images."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(range(0, len(calibration), batch_size))
+
+        def get_next(self):
+            start = next(self._batches, None)
+            return None if start is None else {C.SERVING_INPUT: calibration[start : start + batch_size]}
+
+    root = logging.getLogger()  # the quantizer warns on the root logger about every batch-norm weight
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source, prepared, target = (str(Path(tmp) / n) for n in ("float.onnx", "prepared.onnx", "int8.onnx"))
+            onnx.save(proto, source)
+            # ONNX shape inference and graph clean-up, as ORT recommends; its symbolic pass fails on our reshape.
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            quantize_static(prepared, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantized = onnx.load(target)
+    finally:
+        root.setLevel(level)
+    onnx.checker.check_model(quantized)
+    return quantized
+
+
+def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
+    right = 0
+    for i in range(0, len(images), batch_size):
+        right += int((predictor(np.ascontiguousarray(images[i : i + batch_size])).argmax(1)
+                      == labels[i : i + batch_size]).sum())
+    return right / len(images)
+
+
+def median_seconds(predictor: Predictor, batch: np.ndarray, repeats: int) -> float:
+    """Median wall time of one call, after a warm-up call."""
+    import time
+
+    predictor(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -1,0 +1,69 @@
+"""Image files -> the model's input: uint8 RGB `[32, 32, 3]`, made the same way for every caller.
+
+Files come from users, so each one is checked before it is decoded: its size on disk, its pixel
+count (decompression bombs), and whether it decodes at all. Each problem is an `UnreadableImage`
+naming the file, and a caller can skip that file and go on with the others.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
+MAX_PIXELS = 40_000_000  # width x height; a 40-megapixel photo passes, a decompression bomb does not
+SIZE = (32, 32)  # width, height the networks take
+
+
+class UnreadableImage(ValueError):
+    """This file cannot be turned into a model input; the message says why."""
+
+
+def load(path: Path) -> np.ndarray:
+    """Decode one file into uint8 `[32, 32, 3]`: EXIF-rotated, RGB, resized with Pillow's antialiased bilinear."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableImage(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not path.is_file():
+        raise UnreadableImage(f"{path}: not a regular file")
+    if size == 0:
+        raise UnreadableImage(f"{path}: empty file")
+    if size > MAX_FILE_BYTES:
+        raise UnreadableImage(f"{path}: {size / 2**20:.0f} MiB is larger than the {MAX_FILE_BYTES // 2**20} MiB limit")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_PIXELS and twice that; every bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise UnreadableImage(f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS:,} "
+                                          "allowed (a decompression bomb?)")
+                image = ImageOps.exif_transpose(image)
+                rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK, 16-bit: all to RGB
+                small = rgb.resize(SIZE, Image.Resampling.BILINEAR)  # antialiased when shrinking
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"{path}: too many pixels (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise UnreadableImage(f"{path}: corrupt image ({exc})") from None
+    return np.asarray(small, dtype=np.uint8)  # [32, 32, 3]
+
+
+def files_under(path: Path) -> list[Path]:
+    """`path` itself if it is not a folder, else every non-hidden file below it, sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                  p.relative_to(path).parts)]
+    return sorted(found)

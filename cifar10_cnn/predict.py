@@ -1,0 +1,115 @@
+"""`python -m cifar10_cnn predict`: classify image files with a registered or logged model.
+
+Every file is read and resized the same way (images.load); a file that cannot be read gets its own
+error line and the others are still classified. Folders are searched recursively and their results
+also go to a CSV file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import constants as C
+from . import images as imagelib
+
+
+@dataclass(frozen=True)
+class Result:
+    path: Path
+    label: str | None = None  # class name
+    probability: float | None = None
+    probabilities: tuple[float, ...] = ()
+    error: str | None = None
+
+
+Model = Callable[[np.ndarray], pd.DataFrame]  # uint8 [N, 32, 32, 3] -> the pyfunc's table
+
+
+def classify(paths: list[Path], model: Model, batch_size: int = C.MAX_REQUEST_IMAGES) -> list[Result]:
+    """One Result per file, in order; unreadable files carry their error instead of a class."""
+    results: dict[Path, Result] = {}
+    good: list[tuple[Path, np.ndarray]] = []
+    for path in paths:
+        try:
+            good.append((path, imagelib.load(path)))
+        except imagelib.UnreadableImage as exc:
+            results[path] = Result(path, error=str(exc))
+    for i in range(0, len(good), batch_size):
+        chunk = good[i : i + batch_size]
+        table = model(np.stack([pixels for _, pixels in chunk]))
+        for (path, _), row in zip(chunk, table.itertuples(index=False), strict=True):
+            results[path] = Result(path, row[0], float(row[2]), tuple(float(p) for p in row[3]))
+    return [results[p] for p in paths]
+
+
+def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None:
+    """All results as CSV, written to a temporary file and renamed: never a half-written file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error"])
+            for r in results:
+                probabilities = [f"{p:.6f}" for p in r.probabilities] or [""] * len(class_names)
+                writer.writerow([str(r.path), r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
+                                 *probabilities, r.error or ""])
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
+    """The command: prints one line per file; returns 0 when every file was classified, else 1."""
+    import mlflow
+
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:
+        print(f"error: predict: cannot load model {model_uri!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    metadata = pyfunc.metadata.metadata or {}
+    class_names = metadata.get("class_names", list(C.CLASS_NAMES))
+    paths = [p for given in inputs for p in imagelib.files_under(Path(given))]
+    if not paths:
+        print("error: predict: no files to classify", file=sys.stderr)
+        return 2
+    results = classify(paths, pyfunc.predict)
+    for r in results:
+        if r.error:
+            print(f"error: {r.error}", file=sys.stderr)
+        else:
+            print(f"{r.path}: {r.label} ({r.probability:.1%})")
+    if any(Path(given).is_dir() for given in inputs):
+        write_csv(results, class_names, Path(csv_path))
+        print(f"wrote {len(results)} rows to {csv_path}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} files could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def payload(inputs: list[str]) -> int:
+    """Print the JSON body for `POST /invocations` for these image files (for curl)."""
+    import json
+
+    arrays = []
+    for given in inputs:
+        for path in imagelib.files_under(Path(given)):
+            try:
+                arrays.append(imagelib.load(path))
+            except imagelib.UnreadableImage as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+    print(json.dumps({"inputs": np.stack(arrays).tolist()}))
+    return 0

@@ -1,0 +1,132 @@
+"""Image files -> model input, and the predict command's per-file behaviour (no MLflow needed)."""
+
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cifar10_cnn import images, predict, serving
+
+
+def save(path, array, mode=None, **kwargs):
+    Image.fromarray(array, mode).save(path, **kwargs)
+    return path
+
+
+def test_any_size_and_mode_becomes_32x32_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {
+        "rgba.png": Image.fromarray(rng.integers(0, 256, (60, 100, 4), dtype=np.uint8), "RGBA"),
+        "grey.jpg": Image.fromarray(rng.integers(0, 256, (500, 300), dtype=np.uint8), "L"),
+        "palette.gif": Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).convert("P"),
+        "tiny.bmp": Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        pixels = images.load(tmp_path / name)
+        assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8, name
+
+
+def test_a_32x32_png_is_taken_as_is(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(images.load(save(tmp_path / "x.png", pixels)), pixels)
+
+
+def test_resizing_averages_instead_of_sampling(tmp_path):
+    # A fine checkerboard shrinks to grey with antialiasing; point sampling would keep black or white.
+    board = (np.indices((320, 320)).sum(0) % 2 * 255).astype(np.uint8)
+    pixels = images.load(save(tmp_path / "board.png", np.stack([board] * 3, -1)))
+    assert 100 < pixels.mean() < 155 and pixels.std() < 20
+
+
+@pytest.mark.parametrize("what", ["empty", "text", "truncated", "bomb", "too large", "folder"])
+def test_hostile_files_are_refused_with_a_reason(tmp_path, what):
+    path = tmp_path / f"{what}.png"
+    if what == "empty":
+        path.write_bytes(b"")
+        message = "empty file"
+    elif what == "text":
+        path.write_text("this is not an image\n")
+        message = "not an image Pillow can read"
+    elif what == "truncated":
+        data = (tmp_path / "ok.png")
+        save(data, np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        path.write_bytes(data.read_bytes()[:400])
+        message = "corrupt image"
+    elif what == "bomb":  # 400 megapixels of black compress to a few kB
+        Image.new("1", (20_000, 20_000)).save(path)
+        assert path.stat().st_size < 2**20
+        message = "decompression bomb"
+    elif what == "too large":
+        with open(path, "wb") as f:  # sparse: costs no disk
+            f.truncate(images.MAX_FILE_BYTES + 1)
+        message = "larger than the 50 MiB limit"
+    else:
+        path.mkdir()
+        message = "not a regular file"
+    with pytest.raises(images.UnreadableImage, match=message) as err:
+        images.load(path)
+    assert str(path) in str(err.value)
+
+
+def fake_model(batch):
+    """Class = brightest channel, as a table shaped like the pyfunc's."""
+    assert batch.dtype == np.uint8 and batch.shape[1:] == (32, 32, 3)
+    scores = batch.reshape(len(batch), -1, 3).mean(1)
+    probabilities = np.zeros((len(batch), 10))
+    probabilities[:, :3] = scores / scores.sum(1, keepdims=True)
+    return serving.table(probabilities, [f"c{i}" for i in range(10)])
+
+
+def test_classify_goes_on_past_bad_files_and_keeps_the_order(tmp_path):
+    red = save(tmp_path / "red.png", np.full((50, 50, 3), (250, 10, 10), np.uint8))
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    blue = save(tmp_path / "blue.jpg", np.full((20, 90, 3), (5, 5, 240), np.uint8), quality=95)
+    results = predict.classify([red, bad, blue], fake_model, batch_size=1)
+    assert [r.path for r in results] == [red, bad, blue]
+    assert results[0].label == "c0" and results[2].label == "c2"
+    assert results[1].label is None and "not an image" in results[1].error
+    assert results[0].probability == pytest.approx(250 / 270, abs=0.01) and len(results[0].probabilities) == 10
+
+
+def test_folder_csv_is_complete(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    save(folder / "a.png", np.full((40, 40, 3), (0, 200, 0), np.uint8))
+    save(folder / "sub" / "b.png", np.full((40, 40, 3), (200, 0, 0), np.uint8))
+    (folder / "notes.txt").write_text("hello")
+    (folder / ".hidden.png").write_text("skipped")
+    paths = images.files_under(folder)
+    assert [p.relative_to(folder).as_posix() for p in paths] == ["a.png", "notes.txt", "sub/b.png"]
+    dest = tmp_path / "out" / "predictions.csv"
+    predict.write_csv(predict.classify(paths, fake_model), [f"c{i}" for i in range(10)], dest)
+    rows = list(csv.DictReader(dest.open()))
+    assert [r["class"] for r in rows] == ["c1", "", "c0"]
+    assert "not an image" in rows[1]["error"] and rows[0]["error"] == ""
+    assert float(rows[0]["p_c1"]) == pytest.approx(1.0) and list(dest.parent.iterdir()) == [dest]
+
+
+@pytest.mark.parametrize("data, message", [
+    (np.zeros((2, 32, 32, 3)) + 0.5, "got fractions"),
+    (np.full((1, 32, 32, 3), 256), "in 0..255"),
+    (np.full((1, 32, 32, 3), -1), "in 0..255"),
+    (np.zeros((1, 3, 32, 32), np.uint8), "shape [N, 32, 32, 3]"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "between 1 and 8 images"),
+    (np.zeros((9, 32, 32, 3), np.uint8), "between 1 and 8 images"),
+    (np.array([["a"]]), "integers 0..255"),
+    (pd.DataFrame({"x": [1]}), "not a table"),
+    ({"pixels": np.zeros((1, 32, 32, 3))}, "one input named 'images'"),
+])
+def test_serving_refuses_what_the_model_cannot_take(data, message):
+    with pytest.raises(serving.InvalidImages, match=message.replace("[", r"\[").replace("]", r"\]")):
+        serving.check_images(data, max_batch=8)
+
+
+def test_serving_takes_integers_of_any_width_and_integral_floats():
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3))
+    for data in (pixels, pixels.astype(float), pixels.astype(np.uint8), {"images": pixels.tolist()}):
+        out = serving.check_images(data, max_batch=8)
+        assert out.dtype == np.uint8 and np.array_equal(out, pixels)
