@@ -30,19 +30,29 @@ NORM_STD = (0.5, 0.5, 0.5)
 
 # --- Models as served: raw uint8 RGB pixels in NHWC, the layout of a decoded image file --------------
 SERVING_INPUT = "images"  # uint8 [batch, 32, 32, 3]
-SERVING_OUTPUT = "logits"  # float32 [batch, 10]
+SERVING_OUTPUT = "logits"  # float32 [batch, 10]: the networks' output; the pyfunc adds names and probabilities
+MAX_REQUEST_IMAGES = 1024  # images per prediction request; more is refused (HTTP 400), never an OOM kill
 
 # --- Artifacts and tags that steps use to hand results to each other ------------------------------
 DATASET_DIR = "dataset"  # ingest run: dataset/{train,test}_{images,labels}.npy + dataset/meta.json
-CHECKPOINT_PATH = "checkpoint/model.pt"  # train run: self-describing checkpoint
+CHECKPOINT_PATH = "checkpoint/model.pt"  # train run: self-describing checkpoint of the final weights
+EPOCH_CHECKPOINT_DIR = "checkpoints"  # train run: one resumable checkpoint per epoch (weights, optimizer, RNG)
+EPOCH_CHECKPOINT = "epoch_{epoch:04d}.pt"
+TAG_LAST_CHECKPOINT = "cifar10.last_checkpoint_epoch"
+TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive (or folder) it read
+TAG_REUSED = "cifar10.reused"  # main run: the steps it took from earlier runs instead of running them
 PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
 ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor
+ONNX_INT8_MODEL_NAME = "onnx_int8_model"  # name= of the quantized ONNX model
 ONNX_FILE = "cifar10_cnn.onnx"  # the exported file, also kept as a plain run artifact
 TAG_PYTORCH_MODEL_URI = "cifar10.pytorch_model_uri"
 TAG_ONNX_MODEL_URI = "cifar10.onnx_model_uri"
 DEFAULT_MODEL_NAME = "cifar10-cnn"  # registered name of the PyTorch flavor; ONNX gets "-onnx"
 ONNX_REGISTERED_SUFFIX = "-onnx"
+INT8_REGISTERED_SUFFIX = "-int8"  # <model_name>-onnx-int8
 CANDIDATE_ALIAS = "candidate"
+INT8_CALIBRATION_IMAGES = 1000  # training images that set the INT8 activation ranges
+INT8_MAX_DROP_POINTS = 1.0  # the INT8 model is registered only if it loses at most this much test accuracy
 
 # ONNX Runtime vs PyTorch on the same float32 inputs: logits agree far tighter than this; a larger
 # gap means the exported graph computes something else.

@@ -106,6 +106,26 @@ def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: b
     return _local_source(path)
 
 
+def source_digest(source: Source) -> str:
+    """sha256 of what ingest would read: the archive's bytes, or the folder's CIFAR-10 files in order.
+
+    Cheap next to reading (one pass, no decompression), so main can tell whether the data changed.
+    """
+    h = hashlib.sha256()
+    if source.kind == "archive":
+        with source.path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+    folder = source.path / C.BATCH_DIR if (source.path / C.BATCH_DIR).is_dir() else source.path
+    for short in _wanted_members().values():
+        file = folder / short
+        h.update(short.encode() + b"\0")
+        if file.is_file():
+            h.update(file.read_bytes())
+    return h.hexdigest()
+
+
 def _local_source(path: Path) -> Source:
     path = path.resolve()
     if path.is_dir():

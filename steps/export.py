@@ -11,6 +11,7 @@ def main(argv=None):
     parser.add_argument("--train-run-id", required=True)
     parser.add_argument("--evaluate-run-id", required=True)
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
+    parser.add_argument("--int8", default="true", help="also quantize to INT8 (registered if <= 1 point lost)")
     args = parser.parse_args(argv)
     tracking.run_step("export", step.run, **vars(args))
 

@@ -2,20 +2,24 @@
 
 import argparse
 
-from cifar10_cnn import tracking
+from cifar10_cnn import recipes, tracking
 from cifar10_cnn.pipeline import main as step
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m steps.main", description=__doc__)
-    parser.add_argument("--epochs", default="5")
-    parser.add_argument("--batch-size", default="32")
-    parser.add_argument("--learning-rate", default="0.001")
-    parser.add_argument("--seed", default="42")
+    parser.add_argument("--recipe", default="seed", help=f"one of {', '.join(recipes.RECIPES)}")
+    for name in recipes.FIELDS:  # every hyperparameter; 'auto' takes the recipe's value
+        parser.add_argument(f"--{name.replace('_', '-')}", default=recipes.AUTO)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--tta", default="auto", help="also score flipped test images: true, false or auto")
     parser.add_argument("--data", default="auto", help="auto, a URL, a .tar.gz archive or an extracted folder")
     parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
+    parser.add_argument("--resume-run-id", default="", help="a killed train run to continue")
+    parser.add_argument("--int8", default="true", help="also quantize to INT8 (registered if <= 1 point lost)")
+    parser.add_argument("--reuse", default="true", help="reuse FINISHED step runs with the same parameters, "
+                        "code (git commit) and data")
     args = parser.parse_args(argv)
     tracking.run_step("main", step.run, **vars(args))
 

@@ -32,7 +32,7 @@ def test_each_command_parses_with_its_step_script(entry, monkeypatch):
     for name, p in spec["parameters"].items():
         default = p.get("default") if isinstance(p, dict) else None
         values[name] = str(default) if default is not None else "0" * 32  # run ids have no default
-    argv = shlex.split(spec["command"].format(**values))
+    argv = shlex.split(spec["command"].format(**{k: shlex.quote(v) for k, v in values.items()}))  # as MLflow does
     assert argv[:3] == ["python", "-m", f"steps.{entry}"]
     module = importlib.import_module(f"steps.{entry}")
     seen = {}

@@ -36,8 +36,10 @@ def dataset_of(ingest_run_id: str, splits: tuple[str, ...]) -> datalib.Cifar10:
 
 
 def model_metadata(class_names) -> dict:
-    return {"class_names": list(class_names), "input": f"{C.SERVING_INPUT}: uint8 RGB [batch, 32, 32, 3] (NHWC)",
-            "output": f"{C.SERVING_OUTPUT}: float32 [batch, {C.NUM_CLASSES}], softmax gives probabilities"}
+    return {"class_names": list(class_names),
+            "input": f"uint8 RGB pixels [batch, 32, 32, 3] (NHWC), 0..255, at most {C.MAX_REQUEST_IMAGES} per request",
+            "output": "pyfunc: one row per image with class, class_index, probability, probabilities; "
+                      f"the network itself: {C.SERVING_OUTPUT} float32 [batch, {C.NUM_CLASSES}]"}
 
 
 def peak_rss_mib() -> float | None:

@@ -33,7 +33,8 @@ def run(data: str, expected_records: str) -> None:
                                     name=f"cifar10-{split}", digest=digest[:32])
         mlflow.log_input(ds, context=context, tags={"sha256": digest, "records": str(len(labels))})
     sizes = dataset.sizes()
-    mlflow.set_tags({"cifar10.source": source.origin, "cifar10.sha256": digest})
+    mlflow.set_tags({"cifar10.source": source.origin, "cifar10.sha256": digest,
+                     C.TAG_SOURCE_SHA256: datalib.source_digest(source)})
     mlflow.log_metrics({"train_records": sizes["train"], "test_records": sizes["test"]})
     counts = {"classes": list(dataset.class_names), "train": dataset.class_counts("train"),
               "test": dataset.class_counts("test")}

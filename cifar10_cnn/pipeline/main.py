@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 
+from .. import constants as C
 from .. import data as datalib
-from .. import params
+from .. import params, recipes, tracking
 from ..errors import UserError
 from .common import cache_dir, say
 
@@ -18,13 +21,21 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 def check_main_params(p: dict) -> dict:
     """Every check that needs no data and no training, so a bad parameter fails in seconds."""
+    overrides = {k: p[k] for k in recipes.FIELDS}
+    resume_run_id = str(p["resume_run_id"]).strip()
+    if resume_run_id:  # train adopts the killed run's parameters; those given here are checked there
+        params.run_id("resume_run_id", resume_run_id)
+        recipes.explicit(overrides)
+        train = {"recipe": params.choice("recipe", p["recipe"], tuple(recipes.RECIPES)), **overrides}
+    else:  # the resolved values, so the train run's params say what was trained (and reuse compares them)
+        train = {"recipe": p["recipe"], **asdict(recipes.resolve(p["recipe"], overrides))}
+    tta = str(p["tta"]).strip().lower()
+    tta = recipes.RECIPE_TTA[train["recipe"]] if tta == recipes.AUTO else params.boolean("tta", tta)
     checked = {
-        "epochs": params.positive_int("epochs", p["epochs"]),
-        "batch_size": params.positive_int("batch_size", p["batch_size"]),
-        "learning_rate": params.positive_float("learning_rate", p["learning_rate"]),
-        "seed": params.non_negative_int("seed", p["seed"]),
         "device": params.choice("device", p["device"], params.DEVICES),
         "model_name": params.model_name(p["model_name"]),
+        "int8": str(params.boolean("int8", p["int8"])).lower(),
+        "reuse": params.boolean("reuse", p["reuse"]),
     }
     params.expected_records(p["expected_records"])
     if checked["device"] in ("cuda", "mps"):  # only then is torch worth importing here
@@ -35,7 +46,8 @@ def check_main_params(p: dict) -> dict:
     data = str(p["data"]).strip()
     if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
         data = str(Path(data).expanduser().resolve())
-    return {**checked, "data": data, "expected_records": str(p["expected_records"]).strip()}
+    return {**checked, "train": train, "tta": str(tta).lower(), "resume_run_id": resume_run_id, "data": data,
+            "expected_records": str(p["expected_records"]).strip()}
 
 
 def run(**raw) -> None:
@@ -46,12 +58,25 @@ def run(**raw) -> None:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     parent = mlflow.active_run()
     experiment_id = parent.info.experiment_id
+    commit = None
+    if p["reuse"]:
+        commit, why_not = code_version(PROJECT_DIR)
+        if commit is None:
+            say("main", f"not reusing earlier step runs: {why_not}")
+    reused: list[str] = []
 
-    def step(entry_point: str, parameters: dict) -> str:
+    def step(entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
+        parameters = {k: str(v) for k, v in parameters.items()}
+        if can_reuse and commit and (earlier := reusable(experiment_id, entry_point, parameters, commit,
+                                                         match_tags or {})):
+            say("main", f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
+            reused.append(entry_point)
+            mlflow.set_tag(f"cifar10.{entry_point}_run_id", earlier)
+            return earlier
         say("main", f"step {entry_point} …")
         try:
             submitted = mlflow.projects.run(
-                str(PROJECT_DIR), entry_point, parameters={k: str(v) for k, v in parameters.items()},
+                str(PROJECT_DIR), entry_point, parameters=parameters,
                 env_manager="local", experiment_id=experiment_id, run_name=entry_point, synchronous=True,
             )
         except mlflow.exceptions.ExecutionException:
@@ -59,12 +84,18 @@ def run(**raw) -> None:
         mlflow.set_tag(f"cifar10.{entry_point}_run_id", submitted.run_id)
         return submitted.run_id
 
-    ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]})
-    train_id = step("train", {"ingest_run_id": ingest_id, "epochs": p["epochs"], "batch_size": p["batch_size"],
-                              "learning_rate": p["learning_rate"], "seed": p["seed"], "device": p["device"]})
-    evaluate_id = step("evaluate", {"train_run_id": train_id, "device": p["device"]})
+    source = datalib.resolve_source(p["data"], cache_dir(), fetch=False) if commit else None
+    data_tags = {C.TAG_SOURCE_SHA256: datalib.source_digest(source)} if source else None
+    if commit and data_tags is None:
+        say("main", "ingest will download the data, so it runs again (its digest is not known yet)")
+    ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
+                     can_reuse=data_tags is not None, match_tags=data_tags)
+    train_id = step("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],
+                              "resume_run_id": p["resume_run_id"]})
+    evaluate_id = step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]})
     export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_id,
-                                "model_name": p["model_name"]})
+                                "model_name": p["model_name"], "int8": p["int8"]})
+    mlflow.set_tag(C.TAG_REUSED, ",".join(reused) or "none")
 
     metrics = mlflow.get_run(evaluate_id).data.metrics
     mlflow.log_metrics({"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]})
@@ -75,11 +106,46 @@ def run(**raw) -> None:
     print(text, flush=True)
 
 
+def code_version(project_dir: Path) -> tuple[str | None, str]:
+    """The git commit of the project, or None and why, when the code is not exactly a commit."""
+    try:
+        head = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"git is not usable here ({exc})"
+    if head.returncode != 0:
+        return None, f"{project_dir} is not a git checkout"
+    if dirty.stdout.strip():
+        return None, "the project has uncommitted changes, so its code is not a known version"
+    return head.stdout.strip(), ""
+
+
+def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
+    """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
+
+    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes.
+    """
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{tracking.STEP_TAG}` = '{entry_point}' and attributes.status = 'FINISHED' "
+                       f"and tags.`mlflow.source.git.commit` = '{commit}'"),
+    )
+    for run in runs:
+        if all(run.data.params.get(k) == v for k, v in parameters.items()) and all(
+                run.data.tags.get(k) == v for k, v in tags.items()):
+            return run.info.run_id
+    return None
+
+
 def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> str:
     line = "=" * 80
     client = mlflow.MlflowClient()
     registered = []
-    for flavor in ("pytorch", "onnx"):
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        if "/" not in export_tags.get(f"cifar10.registered.{flavor}", ""):  # INT8: off, or lost too much
+            continue
         name, version = export_tags[f"cifar10.registered.{flavor}"].split("/")
         aliases = client.get_model_version(name, version).aliases
         registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
