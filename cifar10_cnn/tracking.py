@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import sys
+import urllib.parse
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -114,3 +116,32 @@ def artifact(run_id: str, path: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
     except (MlflowException, OSError) as exc:
         raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None
+
+
+@contextmanager
+def store_lock(name: str):
+    """An exclusive lock beside a local tracking store (SQLite file or ./mlruns folder), held for the block.
+
+    Yields True when locked. A tracking server offers no lock, so there it yields False and callers
+    run unlocked (the README says so).
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?")[0] + f".{name}.lock")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(urllib.parse.urlparse(uri).path if uri.startswith("file:") else uri) / f".{name}.lock"
+    else:
+        yield False
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for the other holder
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -16,7 +16,7 @@ def main(argv=None):
     parser.add_argument("--data", default="auto", help="auto, a URL, a .tar.gz archive or an extracted folder")
     parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
-    parser.add_argument("--resume-run-id", default="", help="a killed train run to continue")
+    parser.add_argument("--resume-run-id", default="none", help="a killed train run to continue")
     parser.add_argument("--int8", default="true", help="also quantize to INT8 (registered if <= 1 point lost)")
     parser.add_argument("--reuse", default="true", help="reuse FINISHED step runs with the same parameters, "
                         "code (git commit) and data")

@@ -11,7 +11,7 @@ def main(argv=None):
     parser.add_argument("--ingest-run-id", required=True)
     parser.add_argument("--recipe", default="seed", help=f"one of {', '.join(recipes.RECIPES)}")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--resume-run-id", default="", help="a killed train run to continue")
+    parser.add_argument("--resume-run-id", default="none", help="a killed train run to continue")
     for name in recipes.FIELDS:  # every hyperparameter; 'auto' takes the recipe's value
         parser.add_argument(f"--{name.replace('_', '-')}", default=recipes.AUTO)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
 from cifar10_cnn import synthetic
+from cifar10_cnn.errors import UserError
 from steps import evaluate, export, ingest, main, train
 from tests.conftest import free_port, isolate, runs_env
 
@@ -236,6 +237,15 @@ def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_
         ("--batch-size", "-1", "batch_size must be a whole number >= 1, got '-1'"),
         ("--learning-rate", "0", "learning_rate must be a finite number > 0, got '0'"),
         ("--device", "tpu", "device must be one of auto, cpu, cuda, mps; got 'tpu'"),
+        ("--model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet; got 'vgg99'"),
+        ("--optimizer", "rmsprop", "optimizer must be one of adam, sgd; got 'rmsprop'"),
+        ("--lr-schedule", "step", "lr_schedule must be one of constant, onecycle, cosine; got 'step'"),
+        ("--label-smoothing", "1.5", "label_smoothing must be a number in [0, 1), got '1.5'"),
+        ("--weight-decay", "-1", "weight_decay must be a finite number >= 0, got '-1'"),
+        ("--augment", "maybe", "augment must be true or false, got 'maybe'"),
+        ("--precision", "fp16", "precision must be one of fp32, bf16; got 'fp16'"),
+        ("--recipe", "slow", "recipe must be one of seed, fast; got 'slow'"),
+        ("--resume-run-id", "abc", "resume_run_id must be an MLflow run id (32 hex characters), got 'abc'"),
     ],
 )
 def test_train_rejects_bad_parameters(chain, capsys, flag, value, message):
@@ -314,3 +324,40 @@ def test_main_rejects_bad_input_before_any_step(store, capsys, argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_main_rejects_cuda_without_a_gpu(store, capsys):
     fails(main, ["--device", "cuda"], capsys, "device 'cuda' was requested but torch sees no CUDA GPU")
+
+
+# --- what step reuse calls a known code version --------------------------------------------------------
+
+
+def test_code_version_is_a_clean_git_commit(tmp_path):
+    from cifar10_cnn.pipeline.main import code_version
+
+    assert code_version(tmp_path) == (None, f"{tmp_path} is not a git checkout")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "code.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "one"]):
+        subprocess.run(git + cmd, check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == (head, "")
+    (tmp_path / "notes.txt").write_text("untracked files do not change the code\n")
+    assert code_version(tmp_path) == (head, "")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == (None, "the project has uncommitted changes, so its code is not a known version")
+
+
+def test_main_parameters_resolve_the_recipe(store):
+    from cifar10_cnn.pipeline.main import check_main_params
+
+    raw = {k: "auto" for k in ("model", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
+                               "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "precision",
+                               "channels_last", "seed", "tta")}
+    raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
+               resume_run_id="none", int8="true", reuse="false")
+    p = check_main_params({**raw, "epochs": "3"})
+    assert p["train"]["model"] == "fastnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "sgd"
+    assert p["tta"] == "true" and p["reuse"] is False and p["resume_run_id"] == "none"
+    assert check_main_params({**raw, "recipe": "seed"})["tta"] == "false"
+    with pytest.raises(UserError, match="recipe must be one of seed, fast; got 'slow'"):
+        check_main_params({**raw, "recipe": "slow"})
+    with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
+        check_main_params({**raw, "epochs": "2", "warmup_epochs": "3"})

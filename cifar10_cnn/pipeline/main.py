@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict
@@ -23,7 +24,9 @@ def check_main_params(p: dict) -> dict:
     """Every check that needs no data and no training, so a bad parameter fails in seconds."""
     overrides = {k: p[k] for k in recipes.FIELDS}
     resume_run_id = str(p["resume_run_id"]).strip()
-    if resume_run_id:  # train adopts the killed run's parameters; those given here are checked there
+    if resume_run_id.lower() in ("", "none"):
+        resume_run_id = "none"
+    if resume_run_id != "none":  # train adopts the killed run's parameters; those given here are checked there
         params.run_id("resume_run_id", resume_run_id)
         recipes.explicit(overrides)
         train = {"recipe": params.choice("recipe", p["recipe"], tuple(recipes.RECIPES)), **overrides}
@@ -133,7 +136,7 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
                        f"and tags.`mlflow.source.git.commit` = '{commit}'"),
     )
     for run in runs:
-        if all(run.data.params.get(k) == v for k, v in parameters.items()) and all(
+        if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(
                 run.data.tags.get(k) == v for k, v in tags.items()):
             return run.info.run_id
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 
 from .. import constants as C
-from .. import params, registry
+from .. import params, registry, tracking
 from ..errors import UserError
 from .common import say
 
@@ -15,7 +15,12 @@ def run(version: str, model_name: str, force: str) -> None:
     name = params.model_name(model_name)
     forced = params.boolean("force", force)
     onnx_name = name + C.ONNX_REGISTERED_SUFFIX
-    decision, chosen, replaced = registry.promote(mlflow.MlflowClient(), name, ref, onnx_name, forced)
+    # Read-compare-move must not interleave with another promotion, or the two flavors could end up
+    # with champions from different runs.
+    with tracking.store_lock("promote") as locked:
+        if not locked:
+            say("promote", "note: this tracking store offers no lock; run one promotion at a time")
+        decision, chosen, replaced = registry.promote(mlflow.MlflowClient(), name, ref, onnx_name, forced)
     mlflow.set_tags({"cifar10.promotion": "promoted" if decision.promote else "refused",
                      "cifar10.promotion_reason": decision.reason, "cifar10.candidate_version": chosen})
     if not decision.promote:

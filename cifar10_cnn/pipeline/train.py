@@ -17,13 +17,13 @@ from ..errors import UserError
 from .common import base_version, dataset_of, model_metadata, nhwc, peak_rss_mib, say
 
 
-def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "", **overrides: str) -> None:
+def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none", **overrides: str) -> None:
     """Train `recipe` with `overrides` (each 'auto' or a value), or continue the killed run `resume_run_id`."""
     target = training.select_device(params.choice("device", device, params.DEVICES))
     ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
     dataset = dataset_of(ingest_run_id, ("train", "test"))
     resume_run_id = str(resume_run_id).strip()
-    if resume_run_id:  # the killed run's recipe and parameters; any given here must agree with them
+    if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
         resume = resumable(resume_run_id, ingest_run_id)
         config = recipes.TrainConfig(**resume["config"])
         differ = {k: v for k, v in recipes.explicit(overrides).items() if getattr(config, k) != v}
@@ -103,7 +103,11 @@ def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
     if old.data.tags.get("cifar10.sha256") != digest:
         raise UserError(f"resume_run_id {resume_run_id} trained on other data (sha256 "
                         f"{old.data.tags.get('cifar10.sha256', '?')[:12]}…, now {str(digest)[:12]}…)")
-    names = [f.path for f in mlflow.MlflowClient().list_artifacts(resume_run_id, C.EPOCH_CHECKPOINT_DIR)]
+    client = mlflow.MlflowClient()
+    if old.info.status == "RUNNING":  # its process was killed outright (SIGKILL, power cut): end it for it
+        client.set_tag(resume_run_id, "cifar10.resumed_by", mlflow.active_run().info.run_id)
+        client.set_terminated(resume_run_id, "KILLED")
+    names = [f.path for f in client.list_artifacts(resume_run_id, C.EPOCH_CHECKPOINT_DIR)]
     for name in sorted(names, reverse=True):  # zero-padded epoch numbers: newest first
         try:
             state = torch.load(tracking.artifact(resume_run_id, name), map_location="cpu", weights_only=True)
