@@ -29,3 +29,16 @@ def test_quick_benchmark_prints_every_section(tmp_path):
     assert r["mlflow_run"]["train_peak_rss_mib"] > 0
     assert len(r["interleaved"]["ratios"]) == 3 and r["interleaved"]["median_ratio"] > 0
     assert set(r["inference"]) == {"pytorch eager", "onnx runtime"}
+
+
+def test_quick_serving_benchmark_reports_latency_and_load(tmp_path):
+    out = tmp_path / "serve.json"
+    env = {k: v for k, v in runs_env().items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-m", "bench.serve", "--quick", "--networks", "simple_cnn", "--json",
+                           str(out)], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round trip,   1 image(s)" in done.stdout and "load test:" in done.stdout
+    r = json.loads(out.read_text())["simple_cnn"]
+    assert set(r["latency"]) == {"1", "256"} and r["latency"]["256"]["median_ms"] > 0
+    assert r["load"]["errors"] == 0 and r["load"]["requests"] == 40
+    assert r["oversized_batch_status"] == 400

@@ -1,5 +1,6 @@
 """Each step on its own, in this process, against a temporary tracking store."""
 
+import csv
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from bench.serve import load_test
 from cifar10_cnn import constants as C
 from cifar10_cnn import synthetic
 from cifar10_cnn.errors import UserError
@@ -222,6 +224,10 @@ def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_
             assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
         status, reply = post(json.dumps({"inputs": images.astype(float).tolist()}).encode())  # 12.0 is 12
         assert status == 200 and [p["class"] for p in reply["predictions"]] == [p["class"] for p in predictions]
+        # A short load test: bounded in count and time, every answer must be right.
+        result = load_test(url, images, requests=60, concurrency=4, time_limit_s=90)
+        print(f"load test {name}: {result}")
+        assert result["errors"] == 0 and result["requests"] == 60, result["error_samples"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -361,3 +367,51 @@ def test_main_parameters_resolve_the_recipe(store):
         check_main_params({**raw, "recipe": "slow"})
     with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
         check_main_params({**raw, "epochs": "2", "warmup_epochs": "3"})
+
+
+# --- the predict command against the registered model --------------------------------------------------
+
+
+def test_predict_command_classifies_files_and_folders(chain, tmp_path, capsys):
+    from PIL import Image
+
+    from cifar10_cnn.__main__ import main as cli
+
+    pixels = synthetic.images_for(np.arange(4) % 10, np.random.default_rng(4)).transpose(0, 2, 3, 1).copy()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(pixels[:3]):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    single = tmp_path / "single.bmp"
+    Image.fromarray(pixels[3]).save(single)
+    out_csv = tmp_path / "out.csv"
+    code = cli(["predict", "--model", f"models:/tiny-onnx@{C.CANDIDATE_ALIAS}", "--csv", str(out_csv),
+                str(folder), str(single)])
+    out, err = capsys.readouterr()
+    assert code == 1  # one file could not be read; the others were still classified
+    expected = mlflow.pyfunc.load_model(f"models:/tiny@{C.CANDIDATE_ALIAS}").predict(pixels)
+    lines = out.strip().splitlines()
+    for i, path in enumerate([*(folder / f"img{i}.png" for i in range(3)), single]):
+        row = expected.iloc[i]
+        assert f"{path}: {row['class']} ({row['probability']:.1%})" in lines
+    assert f"error: {folder / 'broken.jpg'}: " in err and "1 of 5 files could not be classified" in err
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 5 and [r["class"] for r in rows if r["error"]] == [""]
+    code = cli(["predict", "--model", "models:/no-such-model@champion", str(single)])
+    assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
+
+
+def test_payload_is_a_request_the_server_would_take(chain, tmp_path, capsys):
+    from PIL import Image
+
+    from cifar10_cnn.__main__ import main as cli
+
+    big = np.random.default_rng(5).integers(0, 256, (300, 200, 3), dtype=np.uint8)  # any size: resized to 32x32
+    Image.fromarray(big).save(tmp_path / "photo.jpg")
+    assert cli(["payload", str(tmp_path / "photo.jpg")]) == 0
+    request = json.loads(capsys.readouterr().out)
+    images = np.array(request["inputs"])
+    assert images.shape == (1, 32, 32, 3)
+    table = mlflow.pyfunc.load_model(f"models:/tiny-onnx@{C.CANDIDATE_ALIAS}").predict(images)
+    assert table["class"][0] in C.CLASS_NAMES
