@@ -1,10 +1,11 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    creates .venv, installs, runs the recipe (EPOCHS=5; DATA=auto or a path/URL)
+#   make run    creates .venv, installs, runs the recipe (RECIPE=seed|fast, EPOCHS=auto, DATA=auto or a path/URL)
 #   make test   creates .venv, installs dev deps, runs ruff and the whole test suite with coverage
 #   make bench  the side-by-side benchmark of bench/ (EPOCHS, DATA as for run)
 PYTHON ?= python3
 VENV ?= .venv
-EPOCHS ?= 5
+RECIPE ?= seed
+EPOCHS ?= auto
 DATA ?= auto
 BIN := $(abspath $(VENV))/bin
 
@@ -20,7 +21,7 @@ install: $(VENV)/.installed
 
 # --env-manager local runs the steps with the `python` first on PATH: put the venv's first.
 run: install
-	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local -P epochs=$(EPOCHS) -P data=$(DATA)
+	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local -P recipe=$(RECIPE) -P epochs=$(EPOCHS) -P data=$(DATA)
 
 lint: install
 	$(BIN)/ruff check .
@@ -39,7 +40,7 @@ test-browser: install
 
 # seed recipe vs ours, the whole mlflow run, inference: prints a table (DATA as for run)
 bench: install
-	$(BIN)/python -m bench.bench --data $(DATA) --epochs $(EPOCHS)
+	$(BIN)/python -m bench.bench --data $(DATA) --epochs $(if $(filter auto,$(EPOCHS)),5,$(EPOCHS))
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -42,3 +42,19 @@ def test_quick_serving_benchmark_reports_latency_and_load(tmp_path):
     assert set(r["latency"]) == {"1", "256"} and r["latency"]["256"]["median_ms"] > 0
     assert r["load"]["errors"] == 0 and r["load"]["requests"] == 40
     assert r["oversized_batch_status"] == 400
+
+
+def test_quick_model_and_time_to_accuracy_benchmarks_run(tmp_path):
+    env = {k: v for k, v in runs_env().items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([sys.executable, "-m", "bench.models", "--quick", "--json", str(tmp_path / "m.json")],
+                          cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "m.json").read_text())
+    assert rows["fastnet"]["parameters"] == 656_760 and rows["simple_cnn"]["images_per_s"]["fp32"] > 0
+    done = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", "--quick", "--device", "cpu", "--json",
+                           str(tmp_path / "t.json")], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch  2:" in done.stdout and "final test accuracy" in done.stdout
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [e["epoch"] for e in result["runs"][0]["epochs"]] == [1, 2]
