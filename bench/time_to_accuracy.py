@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from bench.bench import mean_std
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
 from cifar10_cnn import evaluation, models, recipes, synthetic, training
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
         results.append({"seed": seed, "epochs": rows, "seconds_to_target": reached})
     finals = [100 * r["epochs"][-1]["accuracy"] for r in results]
     times = [r["epochs"][-1]["train_s"] for r in results]
-    spread = (lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}")
-    print(f"final test accuracy {spread(finals)} %, training {spread(times)} s over {len(seeds)} run(s); "
+    print(f"final test accuracy {mean_std(finals)} %, training {mean_std(times)} s over {len(seeds)} run(s); "
           f"{args.target:g} % reached in: "
           + ", ".join("not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f} s"
                       for r in results))

@@ -58,6 +58,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --- several processes (torchrun): one shard of every global batch each, gradients averaged by DDP ----
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) when it runs alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on the CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return distributed()
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return distributed()
+
+
+def share(payload=None):
+    """Rank 0's `payload` on every rank (pickled; None tells the others that rank 0 gave up)."""
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     trainable = [p for p in net.parameters() if p.requires_grad]
     if config.weight_decay:  # decay conv and linear weights only: biases and batch norm stay free
@@ -118,21 +154,34 @@ def train(
     resume: dict | None = None,  # such a checkpoint: training continues after its last epoch
     check_every: int = 50,  # steps between NaN checks; each check waits for the device
 ) -> list[EpochResult]:
+    rank, world = distributed()
+    if config.batch_size % world:
+        raise UserError(f"batch_size {config.batch_size} is the global batch and must be a multiple of the "
+                        f"{world} processes")
     images, labels = images.to(device), labels.to(device)
     if resume is None and hasattr(net, "init_from_data"):
         net.init_from_data(models.normalize(images[:WHITENING_IMAGES]))
+    if resume is not None:
+        net.load_state_dict(resume["state_dict"])
     net.to(device).train()
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
+    model = net
+    if world > 1:
+        if device.type == "cuda":  # one batch-norm statistic over the global batch (CPU: per process)
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(net, config)
     n = len(labels)
     steps = math.ceil(n / config.batch_size)
+    if 0 < n % config.batch_size < world:  # a last batch too small to give every process an image
+        steps -= 1
+    seen = min(n, steps * config.batch_size)  # images per epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
     shuffle = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order on every device
     augment_rng = torch.Generator().manual_seed(config.seed + 1)
     history: list[EpochResult] = []
     if resume is not None:
-        net.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         shuffle.set_state(resume["rng"]["shuffle"])
@@ -148,24 +197,31 @@ def train(
         for step in bar(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step"):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = images[idx], labels[idx]  # uint8 [B, 3, 32, 32], int64 [B]
-            if config.augment:
+            if config.augment:  # drawn for the global batch, so any number of processes sees the same crops
                 x = flip_crop(x, 4, augment_rng)
+            if world > 1:  # this process's shard: [B / world, ...]
+                x, y = x[rank::world], y[rank::world]
             x = models.normalize(x).contiguous(memory_format=memory_format)  # float32
             with autocast:
-                logits = net(x)
+                logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach().float() * len(idx)
+            loss_sum += loss.detach().float() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if step % check_every == 0 and not torch.isfinite(loss_sum):
                 _diverged(loss_sum, epoch, step, config)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(correct)
         if not torch.isfinite(loss_sum):
             _diverged(loss_sum, epoch, steps - 1, config)
         seconds = time.perf_counter() - start
-        result = EpochResult(epoch, loss_sum.item() / n, correct.item() / n, seconds, n / seconds)
+        result = EpochResult(epoch, loss_sum.item() / seen, correct.item() / seen, seconds, seen / seconds)
         history.append(result)
         if on_epoch:
             on_epoch(result)

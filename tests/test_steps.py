@@ -358,7 +358,7 @@ def test_main_parameters_resolve_the_recipe(store):
                                "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "precision",
                                "channels_last", "seed", "tta")}
     raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
-               resume_run_id="none", int8="true", reuse="false")
+               resume_run_id="none", int8="true", reuse="false", nproc_per_node="1")
     p = check_main_params({**raw, "epochs": "3"})
     assert p["train"]["model"] == "fastnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "sgd"
     assert p["tta"] == "true" and p["reuse"] is False and p["resume_run_id"] == "none"

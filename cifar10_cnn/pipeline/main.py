@@ -38,6 +38,7 @@ def check_main_params(p: dict) -> dict:
         "device": params.choice("device", p["device"], params.DEVICES),
         "model_name": params.model_name(p["model_name"]),
         "int8": str(params.boolean("int8", p["int8"])).lower(),
+        "nproc_per_node": params.positive_int("nproc_per_node", p["nproc_per_node"]),
         "reuse": params.boolean("reuse", p["reuse"]),
     }
     params.expected_records(p["expected_records"])
@@ -94,7 +95,7 @@ def run(**raw) -> None:
     ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
                      can_reuse=data_tags is not None, match_tags=data_tags)
     train_id = step("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],
-                              "resume_run_id": p["resume_run_id"]})
+                              "nproc_per_node": p["nproc_per_node"], "resume_run_id": p["resume_run_id"]})
     evaluate_id = step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]})
     export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_id,
                                 "model_name": p["model_name"], "int8": p["int8"]})

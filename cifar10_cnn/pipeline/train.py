@@ -17,23 +17,27 @@ from ..errors import UserError
 from .common import base_version, dataset_of, model_metadata, nhwc, peak_rss_mib, say
 
 
-def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none", **overrides: str) -> None:
-    """Train `recipe` with `overrides` (each 'auto' or a value), or continue the killed run `resume_run_id`."""
-    target = training.select_device(params.choice("device", device, params.DEVICES))
-    ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
-    dataset = dataset_of(ingest_run_id, ("train", "test"))
-    resume_run_id = str(resume_run_id).strip()
-    if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
-        resume = resumable(resume_run_id, ingest_run_id)
-        config = recipes.TrainConfig(**resume["config"])
-        differ = {k: v for k, v in recipes.explicit(overrides).items() if getattr(config, k) != v}
-        if differ:
-            raise UserError(f"resume_run_id {resume_run_id} was trained with "
-                            + ", ".join(f"{k}={getattr(config, k)!r}" for k in differ)
-                            + f", not {', '.join(f'{k}={v!r}' for k, v in differ.items())}; a resumed run keeps "
-                            "its parameters")
-    else:
-        resume, config = None, recipes.resolve(recipe, overrides)
+def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none", nproc_per_node: str = "1",
+        **overrides: str) -> None:
+    """Train `recipe` with `overrides` (each 'auto' or a value), or continue the killed run `resume_run_id`.
+
+    Under torchrun this is rank 0: it alone talks to MLflow, and hands the other ranks (`run_worker`)
+    the resolved config, the data and any resume state.
+    """
+    rank, world = training.distributed()
+    try:
+        config, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
+            ingest_run_id, recipe, device, resume_run_id, nproc_per_node, world, overrides)
+    except BaseException:
+        if world > 1:
+            training.share(None)  # the other ranks stop instead of waiting for data that never comes
+        raise
+    if world > 1:
+        training.share({"config": config, "resume": resume, "train_images": dataset.train_images,
+                        "train_labels": dataset.train_labels})
+        mlflow.log_params({"world_size": world, "per_process_batch": config.batch_size // world})
+        say("train", f"{world} processes ({'NCCL' if target.type == 'cuda' else 'gloo'}), global batch "
+                      f"{config.batch_size} = {world} x {config.batch_size // world}, learning rate as given")
 
     training.seed_everything(config.seed)
     net = models.build(config.model)
@@ -71,6 +75,51 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     info = log_pytorch_flavor(models.RawPixelClassifier(net).eval(), dataset)
     mlflow.set_tag(C.TAG_PYTORCH_MODEL_URI, info.model_uri)
     say("train", f"logged the PyTorch model as {info.model_uri}")
+
+
+def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, nproc_per_node: str, world: int,
+            overrides: dict):
+    """Every check, the data and the resolved config, before any training."""
+    target = training.select_device(params.choice("device", device, params.DEVICES))
+    nproc = params.positive_int("nproc_per_node", nproc_per_node)
+    if nproc != world:
+        raise UserError(f"nproc_per_node is {nproc} but {world} process(es) are running; start the step through "
+                        "`mlflow run` (it launches torchrun itself) or torchrun with the same number")
+    if world > 1 and target.type == "cuda":
+        target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
+    ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
+    dataset = dataset_of(ingest_run_id, ("train", "test"))
+    resume_run_id = str(resume_run_id).strip()
+    if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
+        resume = resumable(resume_run_id, ingest_run_id)
+        config = recipes.TrainConfig(**resume["config"])
+        differ = {k: v for k, v in recipes.explicit(overrides).items() if getattr(config, k) != v}
+        if differ:
+            raise UserError(f"resume_run_id {resume_run_id} was trained with "
+                            + ", ".join(f"{k}={getattr(config, k)!r}" for k in differ)
+                            + f", not {', '.join(f'{k}={v!r}' for k, v in differ.items())}; a resumed run keeps "
+                            "its parameters")
+    else:
+        resume, config = None, recipes.resolve(recipe, overrides)
+    if config.batch_size % world:
+        raise UserError(f"batch_size {config.batch_size} is the global batch and must be a multiple of "
+                        f"nproc_per_node ({world})")
+    return config, target, dataset, resume, ingest_run_id, resume_run_id
+
+
+def run_worker(device: str, **_ignored) -> None:
+    """Ranks 1..N-1 under torchrun: train on their shards with what rank 0 shares; no MLflow at all."""
+    payload = training.share()
+    if payload is None:  # rank 0 failed its checks and reports why
+        return
+    config = payload["config"]
+    target = training.select_device(params.choice("device", device, params.DEVICES))
+    if target.type == "cuda":
+        target = torch.device("cuda", torch.cuda.current_device())
+    training.seed_everything(config.seed)
+    net = models.build(config.model)
+    training.train(net, torch.from_numpy(payload["train_images"]), torch.from_numpy(payload["train_labels"]).long(),
+                   config, target, resume=payload["resume"])
 
 
 def log_epoch(r: training.EpochResult) -> None:

@@ -1,0 +1,74 @@
+"""Data-parallel training: torchrun + DistributedDataParallel, gloo on the CPU."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from mlflow import MlflowClient
+
+from cifar10_cnn import models, recipes, training
+from steps import ingest
+from tests.conftest import PROJECT_DIR, free_port, runs_env
+from tests.test_training import data
+
+CONFIG = recipes.TrainConfig(epochs=2, batch_size=32, learning_rate=3e-3, seed=7)
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        images, labels = data(n=320)
+        training.seed_everything(CONFIG.seed)
+        net = models.build(CONFIG.model)
+        history = training.train(net, images, labels, CONFIG, torch.device("cpu"))
+        if rank == 0:
+            torch.save({"state_dict": net.state_dict(), "losses": [h.loss for h in history]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_reach_the_weights_of_one_with_the_same_global_batch(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    images, labels = data(n=320)
+    training.seed_everything(CONFIG.seed)
+    single = models.build(CONFIG.model)
+    history = training.train(single, images, labels, CONFIG, torch.device("cpu"))
+    # Each process averages its 16 images, DDP averages the two: the same mean over 32, summed in another
+    # order, so equal up to float rounding (measured: ~1e-7 after 20 Adam steps).
+    assert ddp["losses"] == pytest.approx([h.loss for h in history], rel=1e-5)
+    for name, weight in single.state_dict().items():
+        assert torch.allclose(ddp["state_dict"][name], weight, atol=1e-5), name
+
+
+def test_train_step_under_torchrun_logs_from_rank_zero_only(store, archive):
+    ingest.main(["--data", str(archive), "--expected-records", "any"])
+    ingest_id = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.run_id
+    args = [sys.executable, "-m", "steps.train", "--ingest-run-id", ingest_id, "--nproc-per-node", "2",
+            "--epochs", "2", "--batch-size", "20", "--device", "cpu"]
+    done = subprocess.run(args, cwd=PROJECT_DIR, env=runs_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`cifar10.step` = 'train'")
+    assert len(runs) == 1  # rank 1 opened no run
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2" and run.data.params["per_process_batch"] == "10"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert "2 processes (gloo), global batch 20 = 2 x 10" in done.stdout
+
+    bad = subprocess.run(args[:-4] + ["--batch-size", "33", "--device", "cpu"], cwd=PROJECT_DIR, env=runs_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "batch_size 33 is the global batch and must be a multiple of nproc_per_node (2)" in bad.stderr
+    newest = max(mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string="tags.`cifar10.step` = 'train'"), key=lambda r: r.info.start_time)
+    assert newest.info.status == "FAILED"
