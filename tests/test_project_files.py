@@ -1,6 +1,7 @@
 """The MLproject, the environment files and the step scripts must agree with each other."""
 
 import importlib
+import json
 import shlex
 import tomllib
 
@@ -44,3 +45,34 @@ def test_each_command_parses_with_its_step_script(entry, monkeypatch):
     module.main(argv[3:])
     assert seen.pop("step") == entry
     assert seen == values  # every MLproject parameter reaches the step under its own name
+
+
+def test_kubernetes_project_runs_the_same_main_as_mlproject():
+    k8s = yaml.safe_load((PROJECT_DIR / "deploy/kubernetes/MLproject").read_text())
+    assert k8s["docker_env"]["image"] == "cifar10-cnn:latest"
+    ours = MLPROJECT["entry_points"]["main"]
+    theirs = k8s["entry_points"]["main"]
+    assert theirs["parameters"] == {k: {"type": v["type"], "default": v["default"]}
+                                    for k, v in ours["parameters"].items()}
+    assert theirs["command"] == ours["command"]
+
+
+def test_kubernetes_backend_files_parse_and_point_at_each_other():
+    config = json.loads((PROJECT_DIR / "deploy/kubernetes/kubernetes_config.json").read_text())
+    assert set(config) == {"kube-context", "repository-uri", "kube-job-template-path"}
+    template = yaml.safe_load((PROJECT_DIR / config["kube-job-template-path"]).read_text())
+    assert template["kind"] == "Job"
+    (container,) = template["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["{replaced with MLflow Project entry point command}"]
+    assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in container["env"])
+
+
+def test_image_installs_the_project_and_compose_serves_artifacts_from_postgresql():
+    dockerfile = (PROJECT_DIR / "deploy/Dockerfile").read_text()
+    for line in ("COPY cifar10_cnn ./cifar10_cnn", "COPY steps ./steps", "ENV PYTHONPATH=/opt/cifar10-cnn",
+                 "COPY MLproject python_env.yaml conda.yaml ./"):
+        assert line in dockerfile
+    compose = yaml.safe_load((PROJECT_DIR / "deploy/compose.yaml").read_text())
+    server = compose["services"]["mlflow"]["command"]
+    assert "--backend-store-uri postgresql://" in server and "--serve-artifacts" in server
+    assert "--serve-artifacts" in (PROJECT_DIR / ".ci/team_server.sh").read_text()
