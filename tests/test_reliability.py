@@ -64,13 +64,21 @@ def test_killed_training_resumes_to_the_same_result(store, archive, tmp_path, si
     saved = int(MlflowClient().get_run(killed.info.run_id).data.tags[C.TAG_LAST_CHECKPOINT])
     assert 3 <= saved < 8
 
+    if sig == signal.SIGKILL:  # and the newest checkpoint was cut short: resume falls back to the one before
+        name = f"{C.EPOCH_CHECKPOINT_DIR}/{C.EPOCH_CHECKPOINT.format(epoch=saved)}"
+        newest = mlflow.artifacts.download_artifacts(run_id=killed.info.run_id, artifact_path=name)  # in place
+        Path(newest).write_bytes(Path(newest).read_bytes()[:1000])
     resumed = train_process("--ingest-run-id", ingest_id, "--resume-run-id", killed.info.run_id,
                             log=tmp_path / "resumed.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     resumed_run = train_runs()[-1]
     assert resumed_run.info.status == "FINISHED"
     assert resumed_run.data.tags["cifar10.resumed_from"].startswith(killed.info.run_id)
-    assert "resuming train run" in (tmp_path / "resumed.log").read_text()
+    resumed_log = (tmp_path / "resumed.log").read_text()
+    assert "resuming train run" in resumed_log
+    if sig == signal.SIGKILL:
+        assert f"skipping unusable checkpoint {C.EPOCH_CHECKPOINT_DIR}/{C.EPOCH_CHECKPOINT.format(epoch=saved)}" \
+            in resumed_log and f"after epoch {saved - 1}" in resumed_run.data.tags["cifar10.resumed_from"]
     assert MlflowClient().get_run(killed.info.run_id).info.status == "KILLED"  # ended, never left RUNNING
     # The same losses epoch by epoch and the same weights as the run that was never interrupted.
     assert losses(resumed_run.info.run_id) == losses(reference_id)

@@ -415,3 +415,19 @@ def test_payload_is_a_request_the_server_would_take(chain, tmp_path, capsys):
     assert images.shape == (1, 32, 32, 3)
     table = mlflow.pyfunc.load_model(f"models:/tiny-onnx@{C.CANDIDATE_ALIAS}").predict(images)
     assert table["class"][0] in C.CLASS_NAMES
+
+
+def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
+    from cifar10_cnn.pipeline import export as export_step
+
+    client = MlflowClient()
+    logged = client.get_run(chain["export"]).data.tags[C.TAG_ONNX_MODEL_URI]
+    with mlflow.start_run() as run:
+        export_step.register_int8((mlflow.models.get_model_info(logged), 1.5), "tiny-onnx-lossy", {})
+    assert client.search_registered_models("name = 'tiny-onnx-lossy'") == []
+    tag = client.get_run(run.info.run_id).data.tags["cifar10.registered.onnx_int8"]
+    assert tag == "not registered: drop 1.50 > 1.0 points"
+    int8 = client.get_model_version_by_alias("tiny-onnx-int8", C.CANDIDATE_ALIAS)  # the chain's own INT8 model
+    assert float(int8.tags["int8_accuracy_drop_points"]) <= C.INT8_MAX_DROP_POINTS
+    export_run = client.get_run(chain["export"])
+    assert {"int8_test_accuracy", "int8_accuracy_drop_points", "int8_speedup_batch1"} <= set(export_run.data.metrics)
