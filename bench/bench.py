@@ -113,14 +113,7 @@ def bench_mlflow_run(archive: Path, expected: str, epochs: int, workdir: Path) -
 
 
 def latency(fn, batch: np.ndarray, calls: int) -> list[float]:
-    for _ in range(max(10, calls // 10)):  # warm up
-        fn(batch)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - start)
-    return times
+    return export.call_times(fn, batch, calls, warmup=max(10, calls // 10))
 
 
 def bench_inference(model, ds, calls: int) -> dict:

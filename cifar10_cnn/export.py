@@ -130,14 +130,19 @@ def accuracy(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch
     return right / len(images)
 
 
-def median_seconds(predictor: Predictor, batch: np.ndarray, repeats: int) -> float:
-    """Median wall time of one call, after a warm-up call."""
+def call_times(fn: Predictor, batch: np.ndarray, calls: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of `calls` calls `fn(batch)`, after `warmup` untimed ones."""
     import time
 
-    predictor(batch)
+    for _ in range(warmup):
+        fn(batch)
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
-        predictor(batch)
+        fn(batch)
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_seconds(predictor: Predictor, batch: np.ndarray, repeats: int) -> float:
+    return float(np.median(call_times(predictor, batch, repeats)))

@@ -37,10 +37,12 @@ def isolate(root: Path, monkeypatch) -> str:
 def store(tmp_path, monkeypatch) -> str:
     while mlflow.active_run():
         mlflow.end_run()
+    previous = mlflow.get_tracking_uri()
     uri = isolate(tmp_path, monkeypatch)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.set_tracking_uri(previous)  # a module's store (e.g. test_steps' chain) is current again
 
 
 def runs_env() -> dict:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -62,12 +63,12 @@ def test_killed_training_resumes_to_the_same_result(store, archive, tmp_path, si
     assert killed.info.run_id != reference_id
     assert killed.info.status == ("RUNNING" if sig == signal.SIGKILL else "KILLED")  # SIGKILL cannot be caught
     saved = int(MlflowClient().get_run(killed.info.run_id).data.tags[C.TAG_LAST_CHECKPOINT])
-    assert 3 <= saved < 8
+    assert 2 <= saved < 8  # epoch 3's line was printed; its checkpoint may or may not have been logged
 
     if sig == signal.SIGKILL:  # and the newest checkpoint was cut short: resume falls back to the one before
         name = f"{C.EPOCH_CHECKPOINT_DIR}/{C.EPOCH_CHECKPOINT.format(epoch=saved)}"
-        newest = mlflow.artifacts.download_artifacts(run_id=killed.info.run_id, artifact_path=name)  # in place
-        Path(newest).write_bytes(Path(newest).read_bytes()[:1000])
+        newest = Path(urllib.parse.urlparse(killed.info.artifact_uri).path) / name  # the file in the store itself
+        newest.write_bytes(newest.read_bytes()[:1000])
     resumed = train_process("--ingest-run-id", ingest_id, "--resume-run-id", killed.info.run_id,
                             log=tmp_path / "resumed.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
@@ -132,7 +133,7 @@ def test_two_recipes_and_two_promotions_at_once_on_one_sqlite_store(store, archi
     assert champion.tags["train_run_id"] == onnx_champion.tags["train_run_id"]  # the flavors never mix
     if results == [0, 0]:  # both promoted, one after the other: the loser of the race is now @previous
         previous = client.get_model_version_by_alias("shared", "previous")
-        assert {champion.version, previous.version} == {"1", "2"}
+        assert {str(champion.version), str(previous.version)} == {"1", "2"}
 
 
 # --- step reuse ----------------------------------------------------------------------------------------

@@ -431,3 +431,32 @@ def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
     assert float(int8.tags["int8_accuracy_drop_points"]) <= C.INT8_MAX_DROP_POINTS
     export_run = client.get_run(chain["export"])
     assert {"int8_test_accuracy", "int8_accuracy_drop_points", "int8_speedup_batch1"} <= set(export_run.data.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, count", [("vgg11", 9_228_362), ("vgg16", 14_724_042), ("resnet18", 11_173_962),
+                                          ("fastnet", 656_760)])
+def test_every_model_goes_through_train_evaluate_export_unchanged(chain, model, count):
+    """The fast recipe's training with each network; evaluate, export and registration as for the default."""
+    train.main(["--ingest-run-id", chain["ingest"], "--recipe", "fast", "--model", model, "--epochs", "1",
+                "--batch-size", "50", "--warmup-epochs", "0", "--device", "cpu"])
+    train_run = max(step_runs("train"), key=lambda r: r.info.start_time)
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.params["model"] == model and train_run.data.params["num_parameters"] == str(count)
+    evaluate.main(["--train-run-id", train_run.info.run_id, "--device", "cpu", "--tta", "true"])
+    eval_run = max(step_runs("evaluate"), key=lambda r: r.info.start_time)
+    assert {"test_accuracy", "test_accuracy_tta"} <= set(eval_run.data.metrics)
+    name = f"each-{model}"
+    export.main(["--train-run-id", train_run.info.run_id, "--evaluate-run-id", eval_run.info.run_id,
+                 "--model-name", name, "--int8", "true" if model == "fastnet" else "false"])
+    export_run = max(step_runs("export"), key=lambda r: r.info.start_time)
+    assert export_run.info.status == "FINISHED"
+    assert export_run.data.metrics["onnx_argmax_mismatches"] == 0
+    assert export_run.data.metrics["onnx_max_abs_diff"] < C.ONNX_MAX_ABS_DIFF
+    client = MlflowClient()
+    for registered in (name, f"{name}-onnx"):
+        version = client.get_model_version_by_alias(registered, C.CANDIDATE_ALIAS)
+        assert version.tags["model"] == model and version.tags["train_run_id"] == train_run.info.run_id
+    images = synthetic.images_for(np.arange(3) % 10, np.random.default_rng(6)).transpose(0, 2, 3, 1).copy()
+    table = mlflow.pyfunc.load_model(f"models:/{name}-onnx@{C.CANDIDATE_ALIAS}").predict(images)
+    assert table["class"].isin(C.CLASS_NAMES).all()
