@@ -65,3 +65,12 @@ def test_every_model_exports_with_parity(name):
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     parity = export.compare(export.torch_predictor(model), export.onnx_predictor(export.session(proto)), images)
     assert parity.argmax_mismatches == 0 and parity.max_abs_diff < C.ONNX_MAX_ABS_DIFF
+
+
+def test_parity_tolerance_grows_with_the_logits():
+    small = export.Parity(images=5, max_abs_diff=5e-4, argmax_mismatches=0, max_abs_logit=0.5)
+    assert small.ok and small.tolerance == C.ONNX_MAX_ABS_DIFF
+    large = export.Parity(images=5, max_abs_diff=0.05, argmax_mismatches=0, max_abs_logit=400.0)
+    assert large.ok and large.tolerance == pytest.approx(0.4)
+    assert not export.Parity(images=5, max_abs_diff=0.5, argmax_mismatches=0, max_abs_logit=400.0).ok
+    assert not export.Parity(images=5, max_abs_diff=0.0, argmax_mismatches=1, max_abs_logit=1.0).ok

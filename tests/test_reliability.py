@@ -14,8 +14,8 @@ import torch
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from steps import ingest
-from tests.conftest import PROJECT_DIR, runs_env
+from steps import ingest, train
+from tests.conftest import PROJECT_DIR, isolate, runs_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,24 @@ def losses(run_id: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_training_resumes_to_the_same_result(store, archive, tmp_path, sig):
-    ingest.main(["--data", str(archive), "--expected-records", "any"])
-    ingest_id = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.run_id
-    reference = train_process("--ingest-run-id", ingest_id, *TRAIN, log=tmp_path / "reference.log")
-    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-2000:]
-    reference_id = train_runs()[-1].info.run_id
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, archive):
+    """A store with an ingest run and one uninterrupted train run: the reference every resume must match."""
+    root = tmp_path_factory.mktemp("resume")
+    with pytest.MonkeyPatch.context() as mp:
+        previous = mlflow.get_tracking_uri()
+        isolate(root, mp)
+        ingest.main(["--data", str(archive), "--expected-records", "any"])
+        ingest_id = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.run_id
+        reference = train_process("--ingest-run-id", ingest_id, *TRAIN, log=root / "reference.log")
+        assert reference.wait(timeout=300) == 0, (root / "reference.log").read_text()[-2000:]
+        yield ingest_id, train_runs()[-1].info.run_id
+        mlflow.set_tracking_uri(previous)
 
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_training_resumes_to_the_same_result(trained_once, tmp_path, capsys, sig):
+    ingest_id, reference_id = trained_once
     log = tmp_path / "killed.log"
     victim = train_process("--ingest-run-id", ingest_id, *TRAIN, log=log)
     deadline = time.monotonic() + 120
@@ -69,10 +79,15 @@ def test_killed_training_resumes_to_the_same_result(store, archive, tmp_path, si
         name = f"{C.EPOCH_CHECKPOINT_DIR}/{C.EPOCH_CHECKPOINT.format(epoch=saved)}"
         newest = Path(urllib.parse.urlparse(killed.info.artifact_uri).path) / name  # the file in the store itself
         newest.write_bytes(newest.read_bytes()[:1000])
+    if sig == signal.SIGTERM:  # other parameters than the killed run's: refused, the run stays resumable
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--ingest-run-id", ingest_id, "--resume-run-id", killed.info.run_id, "--epochs", "9"])
+        assert exit_.value.code == 2
+        assert f"resume_run_id {killed.info.run_id} was trained with epochs=8, not epochs=9" in capsys.readouterr().err
     resumed = train_process("--ingest-run-id", ingest_id, "--resume-run-id", killed.info.run_id,
                             log=tmp_path / "resumed.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
-    resumed_run = train_runs()[-1]
+    resumed_run = max(train_runs(), key=lambda r: r.info.start_time)
     assert resumed_run.info.status == "FINISHED"
     assert resumed_run.data.tags["cifar10.resumed_from"].startswith(killed.info.run_id)
     resumed_log = (tmp_path / "resumed.log").read_text()
@@ -87,15 +102,12 @@ def test_killed_training_resumes_to_the_same_result(store, archive, tmp_path, si
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_resume_refuses_other_parameters_and_finished_runs(store, archive, tmp_path):
-    ingest.main(["--data", str(archive), "--expected-records", "any"])
-    ingest_id = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.run_id
-    done = train_process("--ingest-run-id", ingest_id, "--epochs", "1", log=tmp_path / "a.log")
-    assert done.wait(timeout=300) == 0
-    finished = train_runs()[-1].info.run_id
-    again = subprocess.run([sys.executable, "-m", "steps.train", "--ingest-run-id", ingest_id, "--resume-run-id",
-                            finished], cwd=PROJECT_DIR, env=runs_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and f"resume_run_id {finished} FINISHED already; nothing to resume" in again.stderr
+def test_resume_refuses_a_finished_run(trained_once, capsys):
+    ingest_id, finished = trained_once
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--ingest-run-id", ingest_id, "--resume-run-id", finished])
+    assert exit_.value.code == 2
+    assert f"resume_run_id {finished} FINISHED already; nothing to resume" in capsys.readouterr().err
 
 
 # --- two users, one store ------------------------------------------------------------------------------

@@ -439,7 +439,7 @@ def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
 def test_every_model_goes_through_train_evaluate_export_unchanged(chain, model, count):
     """The fast recipe's training with each network; evaluate, export and registration as for the default."""
     train.main(["--ingest-run-id", chain["ingest"], "--recipe", "fast", "--model", model, "--epochs", "1",
-                "--batch-size", "50", "--warmup-epochs", "0", "--device", "cpu"])
+                "--batch-size", "50", "--learning-rate", "0.05", "--warmup-epochs", "0", "--device", "cpu"])
     train_run = max(step_runs("train"), key=lambda r: r.info.start_time)
     assert train_run.info.status == "FINISHED"
     assert train_run.data.params["model"] == model and train_run.data.params["num_parameters"] == str(count)
@@ -452,7 +452,8 @@ def test_every_model_goes_through_train_evaluate_export_unchanged(chain, model, 
     export_run = max(step_runs("export"), key=lambda r: r.info.start_time)
     assert export_run.info.status == "FINISHED"
     assert export_run.data.metrics["onnx_argmax_mismatches"] == 0
-    assert export_run.data.metrics["onnx_max_abs_diff"] < C.ONNX_MAX_ABS_DIFF
+    assert export_run.data.metrics["onnx_max_abs_diff"] <= C.ONNX_MAX_ABS_DIFF * max(
+        1.0, export_run.data.metrics["onnx_max_abs_logit"])
     client = MlflowClient()
     for registered in (name, f"{name}-onnx"):
         version = client.get_model_version_by_alias(registered, C.CANDIDATE_ALIAS)
