@@ -26,7 +26,7 @@ class _Flavor:
     """A flavor "module" for `Model.log`: MLflow's save_model, then our pyfunc in place of MLflow's."""
 
     def __init__(self, save_model, backend: str, model_file: str, class_names, max_batch: int):
-        self._save, self.backend, self.model_file = save_model, backend, model_file
+        self._save = save_model
         self.config = {"backend": backend, "file": model_file, "class_names": list(class_names), "max_batch": max_batch}
 
     def save_model(self, path, mlflow_model: Model, **kwargs):

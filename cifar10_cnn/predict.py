@@ -45,9 +45,10 @@ def classify(paths: list[Path], model: Model, batch_size: int = C.MAX_REQUEST_IM
             results[path] = Result(path, error=str(exc))
     for i in range(0, len(good), batch_size):
         chunk = good[i : i + batch_size]
-        table = model(np.stack([pixels for _, pixels in chunk]))
-        for (path, _), row in zip(chunk, table.itertuples(index=False), strict=True):
-            results[path] = Result(path, row[0], float(row[2]), tuple(float(p) for p in row[3]))
+        rows = model(np.stack([pixels for _, pixels in chunk])).to_dict("records")
+        for (path, _), row in zip(chunk, rows, strict=True):
+            results[path] = Result(path, row["class"], float(row["probability"]),
+                                   tuple(float(p) for p in row["probabilities"]))
     return [results[p] for p in paths]
 
 

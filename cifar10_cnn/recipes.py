@@ -7,6 +7,7 @@ the fast recipe trained longer, and the default recipe is the seed's tutorial, u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from . import params
@@ -70,7 +71,7 @@ def _non_negative_float(name: str, value: str) -> float:
         number = float(value)
     except ValueError:
         raise UserError(f"{name} must be a number >= 0, got {value!r}") from None
-    if not number >= 0 or number == float("inf"):
+    if not (math.isfinite(number) and number >= 0):
         raise UserError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
 

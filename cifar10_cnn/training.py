@@ -26,6 +26,7 @@ from .recipes import TrainConfig
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint's keys change
 WHITENING_IMAGES = 5000  # training images whose patch statistics set FastNet's whitening stem
 
+
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int  # 1-based

@@ -46,12 +46,12 @@ def check_main_params(p: dict) -> dict:
         from ..training import select_device
 
         select_device(checked["device"])
-    datalib.resolve_source(p["data"], cache_dir(), fetch=False)
+    source = datalib.resolve_source(p["data"], cache_dir(), fetch=False)  # None: it needs a download
     data = str(p["data"]).strip()
     if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
         data = str(Path(data).expanduser().resolve())
-    return {**checked, "train": train, "tta": str(tta).lower(), "resume_run_id": resume_run_id, "data": data,
-            "expected_records": str(p["expected_records"]).strip()}
+    return {**checked, "source": source, "train": train, "tta": str(tta).lower(), "resume_run_id": resume_run_id,
+            "data": data, "expected_records": str(p["expected_records"]).strip()}
 
 
 def run(**raw) -> None:
@@ -88,8 +88,7 @@ def run(**raw) -> None:
         mlflow.set_tag(f"cifar10.{entry_point}_run_id", submitted.run_id)
         return submitted.run_id
 
-    source = datalib.resolve_source(p["data"], cache_dir(), fetch=False) if commit else None
-    data_tags = {C.TAG_SOURCE_SHA256: datalib.source_digest(source)} if source else None
+    data_tags = {C.TAG_SOURCE_SHA256: datalib.source_digest(p["source"])} if commit and p["source"] else None
     if commit and data_tags is None:
         say("main", "ingest will download the data, so it runs again (its digest is not known yet)")
     ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
