@@ -4,17 +4,19 @@
     python -m bench.time_to_accuracy --data PATH --device cuda --runs 3 --target 94
     python -m bench.time_to_accuracy --quick                         # tiny synthetic smoke run
 
-Training seconds are the train loop's own epoch times (the same as the train step's `epoch_seconds`);
-scoring the test set after each epoch is not counted. Prints one line per epoch and, per run, when the
-target accuracy was first reached. Asserts nothing.
+Prints the machine first (CPU model and the features that decide precision: AVX-512, AVX512_BF16, AMX,
+VNNI; threads; torch), then the precision and memory format the recipe's `auto` chose there, then one
+line per epoch with the test accuracy (with the recipe's test-time augmentation after the last). Training
+seconds are the train loop's own epoch times (the train step's `epoch_seconds`); scoring the test set
+after each epoch is not counted. Per run: when the target accuracy was first reached. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,15 +26,15 @@ import torch
 from bench.bench import mean_std
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
-from cifar10_cnn import evaluation, models, recipes, synthetic, training
+from cifar10_cnn import evaluation, hardware, models, recipes, synthetic, training
 
 
-def run_once(ds: datalib.Cifar10, config: recipes.TrainConfig, device: torch.device, tta: bool) -> list[dict]:
+def run_once(ds: datalib.Cifar10, config: recipes.TrainConfig, device: torch.device, tta: str) -> list[dict]:
     training.seed_everything(config.seed)
     net = models.build(config.model)
     test_images = torch.from_numpy(ds.test_images).to(device).permute(0, 2, 3, 1)  # NHWC, as served
     test_labels = torch.from_numpy(ds.test_labels)
-    rows, elapsed = [], [0.0]
+    rows, elapsed, planned = [], [0.0], [config.epochs]
 
     def on_epoch(r: training.EpochResult) -> None:
         elapsed[0] += r.seconds
@@ -40,19 +42,19 @@ def run_once(ds: datalib.Cifar10, config: recipes.TrainConfig, device: torch.dev
         model = models.RawPixelClassifier(net)
         scored = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            for key, fn in (("accuracy", model), ("accuracy_tta", evaluation.with_flip(model, width_dim=2))):
-                if key == "accuracy_tta" and not tta:
-                    continue
-                logits = evaluation.predict_logits(fn, test_images)
+            for key, level in (("accuracy", "false"), ("accuracy_tta", tta)):
+                if key == "accuracy_tta" and (tta == "false" or r.epoch < planned[0]):
+                    continue  # six passes of the network: the last epoch only
+                logits = evaluation.predict_logits(evaluation.with_tta(model, level, h_dim=1, w_dim=2), test_images)
                 scored[key] = evaluation.evaluate(logits, test_labels, C.NUM_CLASSES).accuracy
         net.train()
         rows.append({"epoch": r.epoch, "train_s": elapsed[0], "train_loss": r.loss, **scored})
-        extra = f", with flip TTA {scored['accuracy_tta']:.2%}" if tta else ""
+        extra = f", with TTA ({tta}) {scored['accuracy_tta']:.2%}" if "accuracy_tta" in scored else ""
         print(f"  epoch {r.epoch:>2}: {elapsed[0]:7.1f} s of training, test accuracy {scored['accuracy']:.2%}{extra}",
               flush=True)
 
     training.train(net, torch.from_numpy(ds.train_images), torch.from_numpy(ds.train_labels).long(), config, device,
-                   on_epoch)
+                   on_epoch, on_plan=lambda plan: planned.__setitem__(0, plan.epochs))
     return rows
 
 
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=int, default=1, help="seeds 0..runs-1 (the recipe's seed when 1)")
     parser.add_argument("--target", type=float, default=85.0, help="test accuracy in percent")
-    parser.add_argument("--no-tta", action="store_true")
+    parser.add_argument("--tta", default="auto", help="false, flip or crops (auto: the recipe's)")
+    parser.add_argument("--budget-minutes", type=float, help="train with this time budget instead of epochs")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -73,6 +76,11 @@ def main(argv=None) -> int:
     config = recipes.RECIPES[args.recipe]
     if args.epochs:
         config = replace(config, epochs=args.epochs, warmup_epochs=min(config.warmup_epochs, args.epochs))
+    if args.budget_minutes:
+        config = replace(config, budget_minutes=args.budget_minutes)
+    caps = hardware.capabilities(device)
+    config, why = hardware.decide(config, caps)
+    tta = recipes.tta_level(args.tta, args.recipe)
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             path = synthetic.write_archive(Path(tmp) / C.ARCHIVE_NAME, synthetic.batch_files(100, 200))
@@ -81,18 +89,24 @@ def main(argv=None) -> int:
         else:
             cache = Path(os.environ.get(C.CACHE_DIR_ENV, C.DEFAULT_CACHE_DIR))
             ds = datalib.read(datalib.resolve_source(args.data, cache))
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch "
-          f"{torch.__version__}; recipe {args.recipe}: {asdict(config)}")
+    cpu = hardware.cpu_capabilities()
+    print(f"date {datetime.date.today()}; machine: {hardware.describe(cpu)}, {os.cpu_count()} cores; device "
+          f"{hardware.describe(caps) if caps.device != 'cpu' else 'the CPU'}; torch {torch.__version__}")
+    print(f"precision {config.precision}, channels_last {config.channels_last}" +
+          "".join(f"; {k}: {v}" for k, v in why.items()))
+    print(f"recipe {args.recipe}: {asdict(config)}; test-time augmentation: {tta}")
     seeds = [config.seed] if args.runs == 1 else list(range(args.runs))
     results = []
     for seed in seeds:
         print(f"seed {seed}")
-        rows = run_once(ds, replace(config, seed=seed), device, tta=not args.no_tta)
+        rows = run_once(ds, replace(config, seed=seed), device, tta=tta)
         reached = next((r["train_s"] for r in rows if 100 * r["accuracy"] >= args.target), None)
         results.append({"seed": seed, "epochs": rows, "seconds_to_target": reached})
     finals = [100 * r["epochs"][-1]["accuracy"] for r in results]
     times = [r["epochs"][-1]["train_s"] for r in results]
+    if tta != "false":
+        print(f"final test accuracy with TTA ({tta}) "
+              f"{mean_std([100 * r['epochs'][-1]['accuracy_tta'] for r in results])} %")
     print(f"final test accuracy {mean_std(finals)} %, training {mean_std(times)} s over {len(seeds)} run(s); "
           f"{args.target:g} % reached in: "
           + ", ".join("not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f} s"

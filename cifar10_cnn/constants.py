@@ -40,6 +40,8 @@ EPOCH_CHECKPOINT_DIR = "checkpoints"  # train run: one resumable checkpoint per 
 EPOCH_CHECKPOINT = "epoch_{epoch:04d}.pt"
 TAG_LAST_CHECKPOINT = "cifar10.last_checkpoint_epoch"
 TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive (or folder) it read
+TAG_HARDWARE = "cifar10.hardware"  # train run: the device it trained on and its features (hardware.describe)
+TAG_DECISION = "cifar10.auto."  # train run: + precision / channels_last / warning: why auto chose what it chose
 TAG_REUSED = "cifar10.reused"  # main run: the steps it took from earlier runs instead of running them
 PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
 ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor

@@ -116,6 +116,21 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+@torch.no_grad()
+def whitening_filters(images: torch.Tensor, eps: float) -> torch.Tensor:
+    """24 2x2 filters `[24, 3, 2, 2]` that whiten the 3x2x2 patches of `images`: 12 and their negatives.
+
+    Each eigenvector of the patch covariance, scaled by 1 / sqrt(its eigenvalue + eps), so every output
+    channel has unit variance; with both signs a following GELU loses nothing.
+    """
+    patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # [N, 3, 31, 31, 2, 2]
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # one row per 3x2x2 patch
+    patches = patches - patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).reshape(12, 3, 2, 2)
+    return torch.cat([filters, -filters])
+
+
 class FastBlock(nn.Module):
     """Conv, 2x2 max-pool, BN, GELU to downsample, then a residual conv-BN-GELU at the new size."""
 
@@ -155,16 +170,69 @@ class FastNet(nn.Module):
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 1e-2) -> None:
         """Whitening filters from normalized training images `[N, 3, 32, 32]` (a few thousand suffice)."""
-        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # [N, 3, 31, 31, 2, 2]
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # one row per 3x2x2 patch
-        patches = patches - patches.mean(0)
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).reshape(12, 3, 2, 2)
-        self.stem.weight.copy_(torch.cat([filters, -filters]))  # both signs, so GELU loses nothing
+        self.stem.weight.copy_(whitening_filters(images, eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.gelu(self.stem(x)))
         return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+
+
+class AirBlock(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU, as in the speed-runs' ConvGroup.
+
+    The convolutions start as identities on their first c_in channels ("dirac" init): the block begins
+    near a residual block without paying for the addition. Batch norm keeps its scale at 1 (only the
+    shift trains) and follows the batch statistics fast (momentum 0.4), which the lookahead needs.
+    """
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=bn_momentum)
+        for conv in (self.conv1, self.conv2):
+            nn.init.dirac_(conv.weight[: conv.in_channels])  # the rest keep PyTorch's default init
+        for bn in (self.bn1, self.bn2):
+            bn.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))  # pool first: BN and GELU see a quarter
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+class AirNet(nn.Module):
+    """The fast recipe's network: our take on airbench's 93 % network (KellerJordan/cifar10-airbench).
+
+    [N, 3, 32, 32] -> frozen 2x2 whitening stem + GELU [N, 24, 31, 31] -> blocks [N, 64, 15, 15]
+    -> [N, 128, 7, 7] -> [N, 128, 3, 3] -> 3x3 max-pool [N, 128] -> linear, scaled by 1/9 -> [N, 10].
+    The small logit scale keeps the first steps of a large learning rate from saturating the softmax.
+    """
+
+    stem_bias_epochs = 3  # the stem's bias trains this many epochs, then stays (training.make_optimizer)
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 128), bn_momentum: float = 0.4,
+                 logit_scale: float = 1 / 9, num_classes: int = C.NUM_CLASSES):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, kernel_size=2)
+        self.stem.weight.requires_grad_(False)  # fixed by init_from_data
+        blocks, c_in = [], 24
+        for c_out in widths:
+            blocks.append(AirBlock(c_in, c_out, bn_momentum))
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Whitening filters from normalized training images `[N, 3, 32, 32]`; the stem's bias starts at 0."""
+        self.stem.weight.copy_(whitening_filters(images, eps=1e-4))
+        self.stem.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.gelu(self.stem(x)))
+        return self.head(torch.flatten(F.max_pool2d(x, 3), 1)) * self.logit_scale
 
 
 # name -> constructor; the checkpoint stores the name and the constructor's arguments, so it rebuilds itself.
@@ -174,6 +242,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16": partial(VGG, "vgg16"),
     "resnet18": ResNet18,
     "fastnet": FastNet,
+    "airnet": AirNet,
 }
 
 

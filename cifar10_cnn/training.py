@@ -24,7 +24,14 @@ from .progress import bar
 from .recipes import TrainConfig
 
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint's keys change
-WHITENING_IMAGES = 5000  # training images whose patch statistics set FastNet's whitening stem
+WHITENING_IMAGES = 5000  # training images whose patch statistics set a whitening stem (FastNet, AirNet)
+# Lookahead (config.lookahead), as the speed-runs do it: plain SGD for the first epochs, then every few steps
+# the weights move to a running average of themselves whose memory grows towards the end of training.
+LOOKAHEAD_START_EPOCH = 3  # epochs of plain SGD before the average starts
+LOOKAHEAD_EVERY = 5  # steps between two pulls towards the average
+LOOKAHEAD_DECAY = 0.95**LOOKAHEAD_EVERY  # the average's decay per pull at the end; (progress ** 3) of it before
+TRIANGLE = (0.2, 0.07)  # lr_schedule triangle: the factor it starts from and the one it ends at
+BUDGET_PROBE_STEPS = 3  # timed steps (after one untimed) that measure the speed a time budget is planned from
 
 
 @dataclass(frozen=True)
@@ -95,24 +102,53 @@ def share(payload=None):
     return box[0]
 
 
+def param_groups(net: nn.Module, config: TrainConfig) -> list[dict]:
+    """The trainable parameters in groups: weights (decayed), batch-norm parameters (bias_lr_scale x the
+    rate, never decayed), a whitening stem's bias (frozen after the model's stem_bias_epochs), the rest."""
+    norm = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    stem = getattr(net, "stem", None) if hasattr(net, "stem_bias_epochs") else None
+    stem_bias = {id(stem.bias)} if stem is not None and stem.bias is not None else set()
+    groups: dict[str, list] = {"weights": [], "norm": [], "stem_bias": [], "other": []}
+    for p in net.parameters():
+        if p.requires_grad:
+            key = ("stem_bias" if id(p) in stem_bias else "norm" if id(p) in norm else
+                   "weights" if p.ndim > 1 else "other")
+            groups[key].append(p)
+    lr, wd = config.learning_rate, config.weight_decay
+    options = {"weights": {"lr": lr, "weight_decay": wd}, "norm": {"lr": lr * config.bias_lr_scale},
+               "stem_bias": {"lr": lr}, "other": {"lr": lr}}
+    return [{"params": ps, "name": key, **options[key]} for key, ps in groups.items() if ps]
+
+
 def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    if config.weight_decay:  # decay conv and linear weights only: biases and batch norm stay free
-        trainable = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": config.weight_decay},
-                     {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = param_groups(net, config)
+    if not config.weight_decay and config.bias_lr_scale == 1 and not any(g["name"] == "stem_bias" for g in groups):
+        groups = [p for g in groups for p in g["params"]]  # one group: exactly the seed's optimizer
     if config.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=config.learning_rate, momentum=0.9, nesterov=True, foreach=True)
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, nesterov=True,
+                               foreach=True)
     # foreach: one kernel per operation across all parameters, and bit for bit the update of the default
     # (per-tensor) Adam the seed used. fused=True is faster still but rounds differently: not the seed's.
-    return torch.optim.Adam(trainable, lr=config.learning_rate, foreach=True)
+    return torch.optim.Adam(groups, lr=config.learning_rate, foreach=True)
 
 
-def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Step number -> multiplier of learning_rate: linear warm-up, then the schedule's shape."""
-    total = config.epochs * steps_per_epoch
-    warmup = round(config.warmup_epochs * steps_per_epoch)
+def lr_factor(config: TrainConfig, steps_per_epoch: int, total: int | None = None) -> Callable[[int], float]:
+    """Step number -> multiplier of learning_rate: linear warm-up, then the schedule's shape.
+
+    `total` steps (default: epochs x steps_per_epoch) stretches the recipe's shape to another length,
+    the warm-up keeping its share of the training: how a time budget lays out its schedule.
+    """
+    if total is None or total == config.epochs * steps_per_epoch:
+        total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = round(config.warmup_epochs / config.epochs * total)
 
     def factor(step: int) -> float:
+        if config.lr_schedule == "triangle":  # up from TRIANGLE[0] to 1, then down to TRIANGLE[1]
+            start, end = TRIANGLE
+            if step < warmup:
+                return start + (1 - start) * step / warmup
+            return 1 + (end - 1) * min((step - warmup) / max(total - warmup, 1), 1.0)
         if step < warmup:
             return (step + 1) / warmup
         if config.lr_schedule == "constant":
@@ -125,16 +161,44 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
-def flip_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crops of the zero-padded batch and random horizontal flips, uint8 `[B, 3, H, W]` in and out.
+def group_factors(optimizer: torch.optim.Optimizer, net: nn.Module, factor: Callable[[int], float],
+                  steps_per_epoch: int) -> list[Callable[[int], float]]:
+    """One schedule per parameter group: the stem's bias stops learning after the model's stem_bias_epochs."""
+    frozen_at = getattr(net, "stem_bias_epochs", 0) * steps_per_epoch
+    return [(lambda step: factor(step) if step < frozen_at else 0.0) if g.get("name") == "stem_bias" else factor
+            for g in optimizer.param_groups]
+
+
+class Lookahead:
+    """A running average of the weights (and batch-norm statistics) that the network is pulled onto.
+
+    At the end of every epoch the network is set to the average, so a checkpoint holds all of its state.
+    """
+
+    def __init__(self, net: nn.Module):
+        self.average = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def pull(self, net: nn.Module, decay: float) -> None:
+        state = net.state_dict()
+        for key, average in self.average.items():
+            average.lerp_(state[key], 1 - decay)
+            state[key].copy_(average)
+
+
+def flip_crop(images: torch.Tensor, padding: int, generator: torch.Generator,
+              flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crops of the zero-padded batch and horizontal flips, uint8 `[B, 3, H, W]` in and out.
 
     One gather for the whole batch on its own device; the random numbers come from a CPU generator so
-    that a seed gives the same augmentation on every device.
+    that a seed gives the same augmentation on every device. `flip` (bool `[B]`, CPU) says which images
+    to mirror; by default each is mirrored at random.
     """
     b, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))  # [B, 3, H + 2p, W + 2p]
     dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) for _ in range(2))
-    flip = torch.rand(b, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(b, generator=generator) < 0.5
     rows = dy[:, None] + torch.arange(h)  # [B, H] rows of the padded image to take
     cols = dx[:, None] + torch.arange(w)  # [B, W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
@@ -144,17 +208,35 @@ def flip_crop(images: torch.Tensor, padding: int, generator: torch.Generator) ->
     return padded[batch_index, channel_index, rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How long training runs: `total_steps` optimizer steps of `steps_per_epoch` per epoch."""
+
+    total_steps: int
+    steps_per_epoch: int
+    step_seconds: float | None = None  # measured, when a time budget set total_steps
+    measure_seconds: float = 0.0  # what measuring cost (it counts against the budget)
+
+    @property
+    def epochs(self) -> int:  # the last one may be partial
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
 def train(
     net: nn.Module,
     images: torch.Tensor,  # uint8 [N, 3, 32, 32]
     labels: torch.Tensor,  # int64 [N]
-    config: TrainConfig,
+    config: TrainConfig,  # precision and channels_last already decided (hardware.decide)
     device: torch.device,
     on_epoch: Callable[[EpochResult], None] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,  # gets a resumable checkpoint after every epoch
     resume: dict | None = None,  # such a checkpoint: training continues after its last epoch
     check_every: int = 50,  # steps between NaN checks; each check waits for the device
+    on_plan: Callable[[Plan], None] | None = None,  # told how many steps will run, before the first
 ) -> list[EpochResult]:
+    started = time.perf_counter()
+    if "auto" in (config.precision, config.channels_last):
+        raise ValueError("decide precision and channels_last for the device first (hardware.decide)")
     rank, world = distributed()
     if config.batch_size % world:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must be a multiple of the "
@@ -177,10 +259,42 @@ def train(
     steps = math.ceil(n / config.batch_size)
     if 0 < n % config.batch_size < world:  # a last batch too small to give every process an image
         steps -= 1
-    seen = min(n, steps * config.batch_size)  # images per epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
     shuffle = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order on every device
     augment_rng = torch.Generator().manual_seed(config.seed + 1)
+    # alternating_flip: whether each image starts mirrored, drawn once from the seed; odd epochs mirror them all
+    first_flip = torch.rand(n, generator=torch.Generator().manual_seed(config.seed + 2)) < 0.5
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    def step_on(idx: torch.Tensor, epoch: int, rng: torch.Generator, train_model, train_optimizer):
+        """One optimizer step on the images `idx` (the global batch): (loss, logits, labels) of this process."""
+        x, y = images[idx], labels[idx]  # uint8 [B, 3, 32, 32], int64 [B]
+        if config.augment:  # drawn for the global batch, so any number of processes sees the same crops
+            flip = (first_flip[idx.cpu()] ^ (epoch % 2 == 0)) if config.alternating_flip else None
+            x = flip_crop(x, config.crop_padding, rng, flip)
+        if world > 1:  # this process's shard: [B / world, ...]
+            x, y = x[rank::world], y[rank::world]
+        x = models.normalize(x).contiguous(memory_format=memory_format)  # float32
+        with autocast:
+            logits = train_model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        train_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        train_optimizer.step()
+        return loss, logits, y
+
+    if resume is not None:
+        plan = Plan(resume.get("total_steps", config.epochs * steps), steps)
+    elif config.budget_minutes:
+        plan = plan_budget(config, steps, started, lambda i, rng, probe, probe_optimizer: step_on(
+            torch.randint(n, (config.batch_size,), generator=rng).to(device), 1, rng, probe, probe_optimizer),
+            net)
+    else:
+        plan = Plan(config.epochs * steps, steps)
+    if on_plan:
+        on_plan(plan)
+    factor = lr_factor(config, steps, plan.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_factors(optimizer, net, factor, steps))
     history: list[EpochResult] = []
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -188,39 +302,36 @@ def train(
         shuffle.set_state(resume["rng"]["shuffle"])
         augment_rng.set_state(resume["rng"]["augment"])
         history = [EpochResult(**h) for h in resume["history"]]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    lookahead = None
+    for epoch in range(len(history) + 1, plan.epochs + 1):
         start = time.perf_counter()
+        if config.lookahead and epoch > LOOKAHEAD_START_EPOCH:  # net == average at every epoch's start
+            lookahead = Lookahead(net)
         order = torch.randperm(n, generator=shuffle).to(device)
+        epoch_steps = min(steps, plan.total_steps - (epoch - 1) * steps)
+        seen = min(n, epoch_steps * config.batch_size)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        for step in bar(range(steps), desc=f"epoch {epoch}/{config.epochs}", unit="step"):
+        for step in bar(range(epoch_steps), desc=f"epoch {epoch}/{plan.epochs}", unit="step"):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = images[idx], labels[idx]  # uint8 [B, 3, 32, 32], int64 [B]
-            if config.augment:  # drawn for the global batch, so any number of processes sees the same crops
-                x = flip_crop(x, 4, augment_rng)
-            if world > 1:  # this process's shard: [B / world, ...]
-                x, y = x[rank::world], y[rank::world]
-            x = models.normalize(x).contiguous(memory_format=memory_format)  # float32
-            with autocast:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits, y = step_on(idx, epoch, augment_rng, model, optimizer)
             scheduler.step()
+            done = (epoch - 1) * steps + step + 1
+            if lookahead is not None and done % LOOKAHEAD_EVERY == 0:
+                lookahead.pull(net, LOOKAHEAD_DECAY * (done / plan.total_steps) ** 3)
             loss_sum += loss.detach().float() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if step % check_every == 0 and not torch.isfinite(loss_sum):
                 _diverged(loss_sum, epoch, step, config)
+        if lookahead is not None:
+            lookahead.pull(net, 1.0)  # the network becomes the average
         if world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(loss_sum)
             dist.all_reduce(correct)
         if not torch.isfinite(loss_sum):
-            _diverged(loss_sum, epoch, steps - 1, config)
+            _diverged(loss_sum, epoch, epoch_steps - 1, config)
         seconds = time.perf_counter() - start
         result = EpochResult(epoch, loss_sum.item() / seen, correct.item() / seen, seconds, seen / seconds)
         history.append(result)
@@ -228,10 +339,33 @@ def train(
             on_epoch(result)
         if on_checkpoint:
             state = {"optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                     "rng": {"shuffle": shuffle.get_state(), "augment": augment_rng.get_state()}}
+                     "rng": {"shuffle": shuffle.get_state(), "augment": augment_rng.get_state()},
+                     "total_steps": plan.total_steps}
             on_checkpoint({**checkpoint(net, config, {}, history), **state})
     net.to(memory_format=torch.contiguous_format)
     return history
+
+
+def plan_budget(config: TrainConfig, steps_per_epoch: int, started: float, step_on, net: nn.Module) -> Plan:
+    """As many steps as fit config.budget_minutes, from a few steps timed on a copy of the network.
+
+    The copy (and its own optimizer and random numbers) leaves the real training untouched; what the
+    measuring took, and everything since `started`, counts against the budget. At least one epoch.
+    """
+    probe = copy.deepcopy(net)
+    probe_optimizer = make_optimizer(probe, config)
+    rng = torch.Generator().manual_seed(config.seed + 3)
+    times = []
+    for i in range(BUDGET_PROBE_STEPS + 1):  # the first step pays one-off costs (kernel set-up): not timed
+        tick = time.perf_counter()
+        loss, _, _ = step_on(i, rng, probe, probe_optimizer)
+        loss.item()  # wait for the device
+        times.append(time.perf_counter() - tick)
+    del probe, probe_optimizer
+    step_seconds = sorted(times[1:])[len(times[1:]) // 2]
+    spent = time.perf_counter() - started
+    total = max(steps_per_epoch, int((config.budget_minutes * 60 - spent) / step_seconds))
+    return Plan(total, steps_per_epoch, step_seconds, spent)
 
 
 def _diverged(loss_sum: torch.Tensor, epoch: int, step: int, config: TrainConfig):

@@ -13,7 +13,7 @@ def main(argv=None):
         parser.add_argument(f"--{name.replace('_', '-')}", default=recipes.AUTO)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--nproc-per-node", default="1", help="training processes (torchrun, DDP)")
-    parser.add_argument("--tta", default="auto", help="also score flipped test images: true, false or auto")
+    parser.add_argument("--tta", default="auto", help="test-time augmentation: false, flip, crops or auto")
     parser.add_argument("--data", default="auto", help="auto, a URL, a .tar.gz archive or an extracted folder")
     parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
     parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")

@@ -50,7 +50,16 @@ def test_quick_model_and_time_to_accuracy_benchmarks_run(tmp_path):
                           cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "m.json").read_text())
-    assert rows["fastnet"]["parameters"] == 656_760 and rows["simple_cnn"]["images_per_s"]["fp32"] > 0
+    assert rows["airnet"]["parameters"] == 569_656 and rows["simple_cnn"]["images_per_s"]["fp32"] > 0
+    assert set(rows["airnet"]["images_per_s"]) == {"fp32", "fp32_channels_last"}
+    assert rows["airnet"]["auto"]["channels_last"] is True and rows["simple_cnn"]["auto"]["channels_last"] is False
+    done = subprocess.run([sys.executable, "-m", "bench.models", "--recipes", "--quick", "--json",
+                           str(tmp_path / "r.json")], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "an epoch of the fast recipe costs" in done.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["ratios"]) == 1 and result["epoch_cost_ratio"] > 0
     done = subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", "--quick", "--device", "cpu", "--json",
                            str(tmp_path / "t.json")], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -49,7 +49,7 @@ def test_export_refuses_a_batch_of_one(exported):
         export.to_onnx(model, torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("name", ["vgg11", "vgg16", "resnet18", "fastnet"])
+@pytest.mark.parametrize("name", ["vgg11", "vgg16", "resnet18", "fastnet", "airnet"])
 def test_every_model_exports_with_parity(name):
     torch.manual_seed(0)
     net = models.build(name)

@@ -40,7 +40,7 @@ def test_unknown_model_name():
 # The usual CIFAR variants (e.g. kuangliu/pytorch-cifar) minus the conv biases that batch norm makes
 # redundant: VGG11 9,231,114 - 2,752; VGG16 14,728,266 - 4,224; ResNet-18 has none to remove.
 @pytest.mark.parametrize("name,count", [("vgg11", 9_228_362), ("vgg16", 14_724_042), ("resnet18", 11_173_962),
-                                        ("fastnet", 656_760)])
+                                        ("fastnet", 656_760), ("airnet", 569_656)])
 def test_every_model_maps_a_batch_to_ten_logits(name, count):
     net = models.build(name)
     assert models.count_parameters(net) == count
@@ -74,3 +74,14 @@ def test_fastnet_stem_whitens_image_patches():
     covariance = flat.T @ flat / len(flat)
     assert torch.allclose(covariance, torch.eye(12), atol=1e-3)
     assert torch.equal(net.stem.weight[12:], -net.stem.weight[:12])
+
+
+def test_airnet_blocks_start_as_identities_with_a_fixed_batch_norm_scale():
+    net = models.build("airnet")
+    block = net.blocks[1]  # 64 -> 128 channels
+    x = torch.randn(2, 64, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(block.conv1(x)[:, :64], x)  # its first 64 filters pass the input through
+        assert torch.allclose(block.conv2(torch.cat([x, x], 1)), torch.cat([x, x], 1))
+    assert not block.bn1.weight.requires_grad and block.bn1.bias.requires_grad
+    assert block.bn1.momentum == 0.4  # fast statistics: the lookahead averages the weights under them

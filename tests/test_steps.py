@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 
 from bench.serve import load_test
 from cifar10_cnn import constants as C
-from cifar10_cnn import synthetic
+from cifar10_cnn import hardware, recipes, synthetic
 from cifar10_cnn.errors import UserError
 from steps import evaluate, export, ingest, main, train
 from tests.conftest import free_port, isolate, runs_env
@@ -243,13 +244,20 @@ def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_
         ("--batch-size", "-1", "batch_size must be a whole number >= 1, got '-1'"),
         ("--learning-rate", "0", "learning_rate must be a finite number > 0, got '0'"),
         ("--device", "tpu", "device must be one of auto, cpu, cuda, mps; got 'tpu'"),
-        ("--model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet; got 'vgg99'"),
+        ("--model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet, airnet; got 'vgg99'"),
         ("--optimizer", "rmsprop", "optimizer must be one of adam, sgd; got 'rmsprop'"),
-        ("--lr-schedule", "step", "lr_schedule must be one of constant, onecycle, cosine; got 'step'"),
+        ("--lr-schedule", "step", "lr_schedule must be one of constant, onecycle, cosine, triangle; got 'step'"),
         ("--label-smoothing", "1.5", "label_smoothing must be a number in [0, 1), got '1.5'"),
         ("--weight-decay", "-1", "weight_decay must be a finite number >= 0, got '-1'"),
         ("--augment", "maybe", "augment must be true or false, got 'maybe'"),
         ("--precision", "fp16", "precision must be one of fp32, bf16; got 'fp16'"),
+        ("--momentum", "1", "momentum must be a number in [0, 1), got '1'"),
+        ("--bias-lr-scale", "0", "bias_lr_scale must be a finite number > 0, got '0'"),
+        ("--lookahead", "often", "lookahead must be true or false, got 'often'"),
+        ("--crop-padding", "-2", "crop_padding must be a whole number >= 0, got '-2'"),
+        ("--alternating-flip", "2", "alternating_flip must be true or false, got '2'"),
+        ("--budget-minutes", "-5", "budget_minutes must be a finite number >= 0, got '-5'"),
+        ("--budget-minutes", "inf", "budget_minutes must be a finite number >= 0, got 'inf'"),
         ("--recipe", "slow", "recipe must be one of seed, fast; got 'slow'"),
         ("--resume-run-id", "abc", "resume_run_id must be an MLflow run id (32 hex characters), got 'abc'"),
     ],
@@ -354,15 +362,20 @@ def test_code_version_is_a_clean_git_commit(tmp_path):
 def test_main_parameters_resolve_the_recipe(store):
     from cifar10_cnn.pipeline.main import check_main_params
 
-    raw = {k: "auto" for k in ("model", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-                               "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "precision",
-                               "channels_last", "seed", "tta")}
+    raw = {k: "auto" for k in (*recipes.FIELDS, "tta")}
     raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
                resume_run_id="none", int8="true", reuse="false", nproc_per_node="1")
     p = check_main_params({**raw, "epochs": "3"})
-    assert p["train"]["model"] == "fastnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "sgd"
-    assert p["tta"] == "true" and p["reuse"] is False and p["resume_run_id"] == "none"
+    assert p["train"]["model"] == "airnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "sgd"
+    assert p["train"]["precision"] == "auto"  # decided by the train step, on the device it trains on
+    assert p["tta"] == "crops" and p["reuse"] is False and p["resume_run_id"] == "none"
     assert check_main_params({**raw, "recipe": "seed"})["tta"] == "false"
+    assert check_main_params({**raw, "tta": "true"})["tta"] == "flip"  # true kept its old meaning
+    assert check_main_params({**raw, "budget_minutes": "5"})["train"]["budget_minutes"] == 5.0
+    with pytest.raises(UserError, match="give epochs or budget_minutes, not both"):
+        check_main_params({**raw, "budget_minutes": "5", "epochs": "3"})
+    with pytest.raises(UserError, match="tta must be one of false, flip, crops; got 'maybe'"):
+        check_main_params({**raw, "tta": "maybe"})
     with pytest.raises(UserError, match="recipe must be one of seed, fast; got 'slow'"):
         check_main_params({**raw, "recipe": "slow"})
     with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
@@ -435,20 +448,29 @@ def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, count", [("vgg11", 9_228_362), ("vgg16", 14_724_042), ("resnet18", 11_173_962),
-                                          ("fastnet", 656_760)])
+                                          ("fastnet", 656_760), ("airnet", 569_656)])
 def test_every_model_goes_through_train_evaluate_export_unchanged(chain, model, count):
     """The fast recipe's training with each network; evaluate, export and registration as for the default."""
+    # AirNet's batch norm has a fixed scale; the others' scale would not survive 64x the learning rate
     train.main(["--ingest-run-id", chain["ingest"], "--recipe", "fast", "--model", model, "--epochs", "1",
-                "--batch-size", "50", "--learning-rate", "0.05", "--warmup-epochs", "0", "--device", "cpu"])
+                "--batch-size", "50", "--learning-rate", "0.05", "--warmup-epochs", "0", "--device", "cpu",
+                "--bias-lr-scale", "64" if model == "airnet" else "1"])
     train_run = max(step_runs("train"), key=lambda r: r.info.start_time)
     assert train_run.info.status == "FINISHED"
     assert train_run.data.params["model"] == model and train_run.data.params["num_parameters"] == str(count)
-    evaluate.main(["--train-run-id", train_run.info.run_id, "--device", "cpu", "--tta", "true"])
+    decided, why = hardware.decide(replace(recipes.RECIPES["fast"], model=model),
+                                   hardware.capabilities(torch.device("cpu")))
+    assert train_run.data.params["precision_used"] == decided.precision
+    assert train_run.data.params["channels_last_used"] == str(decided.channels_last)
+    assert train_run.data.tags[C.TAG_HARDWARE] == hardware.describe(hardware.capabilities(torch.device("cpu")))
+    assert train_run.data.tags[C.TAG_DECISION + "precision"] == why["precision"]
+    evaluate.main(["--train-run-id", train_run.info.run_id, "--device", "cpu",
+                   "--tta", "crops" if model == "airnet" else "true"])
     eval_run = max(step_runs("evaluate"), key=lambda r: r.info.start_time)
     assert {"test_accuracy", "test_accuracy_tta"} <= set(eval_run.data.metrics)
     name = f"each-{model}"
     export.main(["--train-run-id", train_run.info.run_id, "--evaluate-run-id", eval_run.info.run_id,
-                 "--model-name", name, "--int8", "true" if model == "fastnet" else "false"])
+                 "--model-name", name, "--int8", "true" if model == "airnet" else "false"])
     export_run = max(step_runs("export"), key=lambda r: r.info.start_time)
     assert export_run.info.status == "FINISHED"
     assert export_run.data.metrics["onnx_argmax_mismatches"] == 0

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifar10_cnn import models, recipes, synthetic, training
+from cifar10_cnn import hardware, models, recipes, synthetic, training
 from cifar10_cnn.errors import UserError
+
+# Tests train as on a CPU without native bf16 (fp32), whatever CPU runs them: the same numbers everywhere.
+NO_BF16_CPU = hardware.Capabilities("cpu", "test CPU", native_bf16=False)
 
 
 def data(n=320, seed=0):
@@ -15,6 +18,7 @@ def data(n=320, seed=0):
 
 
 def fit(config, images, labels):
+    config, _ = hardware.decide(config, NO_BF16_CPU)
     training.seed_everything(config.seed)
     net = models.build(config.model)
     return net, training.train(net, images, labels, config, torch.device("cpu"))
@@ -138,16 +142,19 @@ def test_fast_recipe_features_train_and_learn():
     assert history[-1].accuracy > 0.5
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run():
+@pytest.mark.parametrize("resume_after", [1, 4])  # 4: inside the lookahead, after the stem's bias froze
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(resume_after):
     images, labels = data(n=256)
-    config = replace(recipes.RECIPES["fast"], epochs=3, batch_size=64, warmup_epochs=1, precision="fp32")
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1),
+                                NO_BF16_CPU)
+    assert config.lookahead and training.LOOKAHEAD_START_EPOCH < 4 <= config.epochs
     straight, history = fit(config, images, labels)
     saved = []
     training.seed_everything(config.seed)
     net = models.build(config.model)
     training.train(net, images, labels, replace(config), torch.device("cpu"), on_checkpoint=saved.append)
-    assert [len(c["history"]) for c in saved] == [1, 2, 3]
-    ckpt = torch.load(_roundtrip(saved[0]), weights_only=True)  # as it would come back from the store
+    assert [len(c["history"]) for c in saved] == [1, 2, 3, 4, 5]
+    ckpt = torch.load(_roundtrip(saved[resume_after - 1]), weights_only=True)  # as it comes back from the store
     fresh = models.build(config.model)  # a new process: different init, same checkpoint
     resumed = training.train(fresh, images, labels, config, torch.device("cpu"), resume=ckpt)
     assert [r.loss for r in resumed] == [r.loss for r in history]
@@ -162,3 +169,104 @@ def _roundtrip(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_train_refuses_an_undecided_precision():
+    with pytest.raises(ValueError, match="decide precision and channels_last"):
+        training.train(models.build("airnet"), *data(n=32), recipes.RECIPES["fast"], torch.device("cpu"))
+
+
+def test_triangle_schedule_rises_from_a_fifth_and_ends_at_seven_percent():
+    config = training.TrainConfig(epochs=10, lr_schedule="triangle", warmup_epochs=2.3)
+    factor = training.lr_factor(config, steps_per_epoch=10)
+    values = [factor(s) for s in range(101)]
+    assert values[0] == pytest.approx(0.2) and values[23] == pytest.approx(1.0) and values[100] == pytest.approx(0.07)
+    assert all(a < b for a, b in zip(values[:23], values[1:24], strict=True))
+    assert all(a > b for a, b in zip(values[23:100], values[24:101], strict=True))
+
+
+def test_a_longer_or_shorter_training_stretches_the_schedule():
+    """What a time budget does: the warm-up keeps its share of the steps, the end its value."""
+    config = training.TrainConfig(epochs=10, lr_schedule="triangle", warmup_epochs=2.5)
+    for total in (35, 100, 240):
+        factor = training.lr_factor(config, steps_per_epoch=10, total=total)
+        assert factor(round(total / 4)) == pytest.approx(1.0)
+        assert factor(total) == pytest.approx(0.07)
+
+
+def test_parameter_groups_batch_norm_rate_and_frozen_whitening():
+    config = recipes.RECIPES["fast"]
+    net = models.build("airnet")
+    groups = {g["name"]: g for g in training.param_groups(net, config)}
+    assert set(groups) == {"weights", "norm", "stem_bias"}  # BN scales are frozen; the stem's weight too
+    assert groups["norm"]["lr"] == config.learning_rate * 64 and groups["norm"].get("weight_decay", 0) == 0
+    assert groups["weights"]["weight_decay"] == config.weight_decay
+    assert all(p.ndim > 1 for p in groups["weights"]["params"])
+    assert groups["stem_bias"]["params"][0] is net.stem.bias
+    # the seed's recipe: one group, as the seed's own optimizer had
+    seed = training.make_optimizer(models.build("simple_cnn"), training.TrainConfig())
+    assert len(seed.param_groups) == 1
+
+
+def test_whitening_bias_learns_for_its_epochs_then_stays():
+    images, labels = data(n=128)
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1,
+                                        lookahead=False), NO_BF16_CPU)
+    saved = []
+    training.seed_everything(config.seed)
+    net = models.build(config.model)
+    training.train(net, images, labels, config, torch.device("cpu"), on_checkpoint=saved.append)
+    bias = [c["state_dict"]["stem.bias"] for c in saved]
+    frozen_after = models.AirNet.stem_bias_epochs
+    assert not torch.equal(bias[0], bias[1])  # still learning
+    assert all(torch.equal(bias[frozen_after - 1], b) for b in bias[frozen_after:])
+
+
+def test_lookahead_pulls_the_network_onto_the_running_average():
+    net = torch.nn.Linear(2, 2)
+    lookahead = training.Lookahead(net)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.pull(net, decay=0.75)  # average = 0.75 old + 0.25 new, and the network takes it
+    assert torch.allclose(net.weight, start + 0.25)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.pull(net, decay=1.0)  # decay 1: the network falls back onto the average
+    assert torch.allclose(net.weight, start + 0.25)
+
+
+def test_flip_crop_mirrors_exactly_the_images_it_is_told_to():
+    images = torch.randint(0, 256, (6, 3, 5, 5), dtype=torch.uint8)
+    flip = torch.tensor([True, False, True, False, False, True])
+    out = training.flip_crop(images, 0, torch.Generator().manual_seed(0), flip)
+    for img, got, mirrored in zip(images, out, flip, strict=True):
+        assert torch.equal(got, img.flip(2) if mirrored else img)
+
+
+def test_budget_plan_fits_the_measured_steps_into_the_minutes(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+
+    def step_on(i, rng, probe, optimizer):  # each probe step "takes" 2 s, the first (set-up) 5 s
+        clock[0] += 5.0 if i == 0 else 2.0
+        return torch.zeros(()), None, None
+
+    config = replace(recipes.RECIPES["fast"], budget_minutes=1.0)
+    plan = training.plan_budget(config, 10, 100.0, step_on, models.build("airnet"))
+    # 60 s - 11 s of measuring = 49 s left, 2 s a step: 24 steps, the third epoch partial
+    assert (plan.total_steps, plan.epochs, plan.step_seconds, plan.measure_seconds) == (24, 3, 2.0, 11.0)
+    small = training.plan_budget(replace(config, budget_minutes=0.1), 10, 100.0, step_on, models.build("airnet"))
+    assert small.total_steps == 10  # never less than one epoch
+
+
+def test_a_budget_ends_training_inside_an_epoch(monkeypatch):
+    images, labels = data(n=256)
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], batch_size=64, budget_minutes=1.0), NO_BF16_CPU)
+    monkeypatch.setattr(training, "plan_budget", lambda config, steps, *a: training.Plan(steps + 2, steps, 1.0, 3.0))
+    plans, saved = [], []
+    training.seed_everything(config.seed)
+    history = training.train(models.build(config.model), images, labels, config, torch.device("cpu"),
+                             on_plan=plans.append, on_checkpoint=saved.append)
+    assert plans == [training.Plan(6, 4, 1.0, 3.0)] and len(history) == 2
+    assert saved[-1]["total_steps"] == 6 and saved[-1]["scheduler"]["last_epoch"] == 6

@@ -6,14 +6,14 @@ import mlflow
 import torch
 
 from .. import constants as C
-from .. import evaluation, models, params, plots, tracking, training
+from .. import evaluation, models, params, plots, recipes, tracking, training
 from .common import dataset_of, say
 from .train import trained
 
 
 def run(train_run_id: str, device: str, tta: str = "false") -> None:
     target = training.select_device(params.choice("device", device, params.DEVICES))
-    tta = params.boolean("tta", tta)
+    tta = recipes.tta_level(tta)
     train_run, net, config = trained(params.run_id("train_run_id", train_run_id))
     ingest_run_id = train_run.data.params["ingest_run_id"]
     dataset = dataset_of(ingest_run_id, ("test",))
@@ -24,11 +24,11 @@ def run(train_run_id: str, device: str, tta: str = "false") -> None:
     logits = evaluation.predict_logits(model, images)
     result = evaluation.evaluate(logits, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
 
-    if tta:  # logged beside, never instead of, the plain accuracy: the served model sees one view
-        flipped = evaluation.predict_logits(evaluation.with_flip(model, width_dim=2), images)
-        scored = evaluation.evaluate(flipped, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
+    if tta != "false":  # logged beside, never instead of, the plain accuracy: the served model sees one view
+        augmented = evaluation.predict_logits(evaluation.with_tta(model, tta, h_dim=1, w_dim=2), images)
+        scored = evaluation.evaluate(augmented, torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
         mlflow.log_metrics({"test_accuracy_tta": scored.accuracy, "test_loss_tta": scored.loss})
-        say("evaluate", f"with flipped copies (TTA): test accuracy {scored.accuracy:.2%}")
+        say("evaluate", f"with test-time augmentation ({tta}): test accuracy {scored.accuracy:.2%}")
     names = dataset.class_names
     mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
                         **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})

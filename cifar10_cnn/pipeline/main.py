@@ -32,8 +32,9 @@ def check_main_params(p: dict) -> dict:
         train = {"recipe": params.choice("recipe", p["recipe"], tuple(recipes.RECIPES)), **overrides}
     else:  # the resolved values, so the train run's params say what was trained (and reuse compares them)
         train = {"recipe": p["recipe"], **asdict(recipes.resolve(p["recipe"], overrides))}
-    tta = str(p["tta"]).strip().lower()
-    tta = recipes.RECIPE_TTA[train["recipe"]] if tta == recipes.AUTO else params.boolean("tta", tta)
+        if train["budget_minutes"] and "epochs" in recipes.explicit(overrides):
+            raise UserError("give epochs or budget_minutes, not both: a budget picks the number of epochs itself")
+    tta = recipes.tta_level(p["tta"], train["recipe"])
     checked = {
         "device": params.choice("device", p["device"], params.DEVICES),
         "model_name": params.model_name(p["model_name"]),
@@ -50,7 +51,7 @@ def check_main_params(p: dict) -> dict:
     data = str(p["data"]).strip()
     if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
         data = str(Path(data).expanduser().resolve())
-    return {**checked, "source": source, "train": train, "tta": str(tta).lower(), "resume_run_id": resume_run_id,
+    return {**checked, "source": source, "train": train, "tta": tta, "resume_run_id": resume_run_id,
             "data": data, "expected_records": str(p["expected_records"]).strip()}
 
 

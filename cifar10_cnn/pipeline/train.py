@@ -12,7 +12,7 @@ from mlflow.models import infer_signature
 
 from .. import constants as C
 from .. import data as datalib
-from .. import mlmodel, models, params, plots, recipes, tracking, training
+from .. import hardware, mlmodel, models, params, plots, recipes, tracking, training
 from ..errors import UserError
 from .common import base_version, dataset_of, model_metadata, nhwc, peak_rss_mib, say
 
@@ -26,7 +26,7 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     """
     rank, world = training.distributed()
     try:
-        config, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
+        config, why, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
             ingest_run_id, recipe, device, resume_run_id, nproc_per_node, world, overrides)
     except BaseException:
         if world > 1:
@@ -43,16 +43,36 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     net = models.build(config.model)
     n_params = models.count_parameters(net)
     tracking.log_new_params({**asdict(config), "num_parameters": n_params, "train_device": target,
-                             "train_records": len(dataset.train_labels)})
+                             "train_records": len(dataset.train_labels), "precision_used": config.precision,
+                             "channels_last_used": config.channels_last})
     mlflow.log_dict(asdict(config), "config.json")  # the resolved recipe, whatever the params said
-    mlflow.set_tag("cifar10.sha256", mlflow.get_run(ingest_run_id).data.tags.get("cifar10.sha256", ""))
-    say("train", f"{config.model}, {n_params:,} parameters, {len(dataset.train_labels):,} images on {target}; "
-                  f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.learning_rate} "
-                  f"({config.lr_schedule}), {config.precision}" + (", flip+crop" if config.augment else ""))
+    caps = hardware.capabilities(target)
+    mlflow.set_tags({"cifar10.sha256": mlflow.get_run(ingest_run_id).data.tags.get("cifar10.sha256", ""),
+                     C.TAG_HARDWARE: hardware.describe(caps), **{C.TAG_DECISION + k: v for k, v in why.items()}})
+    for key, reason in why.items():
+        say("train", f"{key}: {reason}" if key != "warning" else f"WARNING: {reason}")
+    say("train", f"{config.model}, {n_params:,} parameters, {len(dataset.train_labels):,} images on "
+                  f"{hardware.describe(caps)}; batch {config.batch_size}, {config.optimizer} lr {config.learning_rate} "
+                  f"({config.lr_schedule}), {config.precision}{', channels-last' if config.channels_last else ''}"
+                  + (", flip+crop" if config.augment else ""))
+    planned = [config.epochs]
+
+    def on_plan(plan: training.Plan) -> None:
+        planned[0] = plan.epochs
+        tracking.log_new_params({"epochs_planned": plan.epochs, "train_steps": plan.total_steps})
+        if plan.step_seconds is not None:
+            rate = config.batch_size / plan.step_seconds
+            mlflow.log_metrics({"budget_step_seconds": plan.step_seconds, "budget_images_per_s": rate,
+                                "budget_measure_seconds": plan.measure_seconds})
+            say("train", f"budget {config.budget_minutes:g} min: measured {plan.step_seconds:.2f} s/step "
+                          f"({rate:,.0f} img/s) in {plan.measure_seconds:.0f} s, so {plan.total_steps} steps "
+                          f"= {plan.total_steps / plan.steps_per_epoch:.2f} epochs")
+        else:
+            say("train", f"{plan.epochs} epochs of {plan.steps_per_epoch} steps")
 
     def on_epoch(r: training.EpochResult) -> None:
         log_epoch(r)
-        say("train", f"Epoch [{r.epoch}/{config.epochs}], Loss: {r.loss:.4f}, Accuracy: {r.accuracy:.2%}, "
+        say("train", f"Epoch [{r.epoch}/{planned[0]}], Loss: {r.loss:.4f}, Accuracy: {r.accuracy:.2%}, "
                       f"{r.seconds:.1f}s ({r.images_per_s:,.0f} img/s)")
 
     if resume is not None:
@@ -63,7 +83,8 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
         say("train", f"resuming train run {resume_run_id} after epoch {len(done)} of {config.epochs}")
     history = training.train(net, torch.from_numpy(dataset.train_images),
                              torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch,
-                             on_checkpoint=log_checkpoint, resume=resume)
+                             on_checkpoint=log_checkpoint, resume=resume, on_plan=on_plan)
+    mlflow.log_metric("train_seconds", sum(r.seconds for r in history))
     net.cpu().eval()
     mlflow.log_figure(plots.training_curves(history), "training_curves.png")
     if (rss := peak_rss_mib()) is not None:
@@ -104,7 +125,10 @@ def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, np
     if config.batch_size % world:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must be a multiple of "
                         f"nproc_per_node ({world})")
-    return config, target, dataset, resume, ingest_run_id, resume_run_id
+    if config.budget_minutes and world > 1:
+        raise UserError("budget_minutes plans from one process's measured speed; use it with nproc_per_node=1")
+    config, why = hardware.decide(config, hardware.capabilities(target))
+    return config, why, target, dataset, resume, ingest_run_id, resume_run_id
 
 
 def run_worker(device: str, **_ignored) -> None:
