@@ -28,8 +28,11 @@ def model_card(
     """The description shown for a registered version in `mlflow ui`: what it is, how good, how to use it."""
     uri = f"models:/{name}/{version}"
     load = ("mlflow.pytorch.load_model" if flavor == "pytorch" else "mlflow.pyfunc.load_model")
-    hyper = ", ".join(f"{k} {train_params[k]}" for k in ("epochs", "batch_size", "learning_rate", "seed")
-                      if k in train_params)
+    trained = {**train_params, "epochs": train_params.get("epochs_planned", train_params.get("epochs")),
+               "precision": train_params.get("precision_used", train_params.get("precision"))}  # after auto/budget
+    hyper = ", ".join(f"{k} {trained[k]}" for k in ("epochs", "batch_size", "learning_rate", "lr_schedule",
+                                                    "precision", "seed") if trained.get(k) is not None)
+    optimizer = {"sgd": "SGD (Nesterov)", "adam": "Adam"}.get(train_params.get("optimizer", ""), "?")
     classes = ", ".join(f"{c} {100 * a:.1f} %" for c, a in per_class.items())
     return "\n".join([
         f"**{model}** ({num_parameters:,} parameters), {flavor} flavor.",
@@ -40,7 +43,7 @@ def model_card(
         f"* ONNX parity: max |logit difference| {onnx_max_abs_diff:.1e} over {parity_images:,} test images, "
         f"{onnx_mismatches} differing predictions.",
         f"* Data: `{source}`, sha256 `{sha256}`, {sizes.get('train', '?'):,} train / {sizes.get('test', '?'):,} test.",
-        f"* Training: Adam, {hyper}, on {train_params.get('train_device', '?')}.",
+        f"* Training: {optimizer}, {hyper}, on {train_params.get('train_device', '?')}.",
         "* Runs: " + ", ".join(f"{k} `{v}`" for k, v in run_ids.items() if v) + ".",
         "",
         "Input `images`: uint8 RGB `[batch, 32, 32, 3]` (NHWC, raw pixels; normalization is inside the model). "

@@ -50,15 +50,23 @@ def test_confident_mistakes_shows_the_surest_wrong_predictions_first():
 def test_model_card_says_how_good_and_how_to_use():
     card = registry.model_card(
         name="cifar10-cnn-onnx", version="7", flavor="onnx", model="simple_cnn", num_parameters=62006,
-        train_params={"epochs": "5", "batch_size": "32", "learning_rate": "0.001", "seed": "42", "train_device": "cpu"},
+        train_params={"epochs": "5", "batch_size": "32", "learning_rate": "0.001", "seed": "42", "train_device": "cpu",
+                      "optimizer": "adam"},
         source="/data/cifar.tar.gz", sha256="ab" * 32, sizes={"train": 50000, "test": 10000},
         test_accuracy=0.6040, test_loss=1.12, per_class={"cat": 0.5, "dog": 0.41}, onnx_max_abs_diff=4.8e-6,
         onnx_mismatches=0, parity_images=10000, run_ids={"train": "t" * 32, "pipeline": ""},
     )
     for needle in ("**simple_cnn** (62,006 parameters), onnx flavor", "Test accuracy 60.40 %", "cat 50.0 %, dog 41.0 %",
                    "max |logit difference| 4.8e-06 over 10,000 test images, 0 differing", "sha256 `" + "ab" * 32,
-                   "epochs 5, batch_size 32, learning_rate 0.001, seed 42, on cpu",
+                   "Training: Adam, epochs 5, batch_size 32, learning_rate 0.001, seed 42, on cpu",
                    'mlflow.pyfunc.load_model("models:/cifar10-cnn-onnx/7")',
                    "mlflow models serve -m models:/cifar10-cnn-onnx/7", "uint8 RGB `[batch, 32, 32, 3]`"):
         assert needle in card, needle
     assert "pipeline" not in card  # empty run ids are left out
+    fast = registry.model_card(  # what trained, after the budget and `auto` decided: not the recipe's request
+        name="m", version="1", flavor="pytorch", model="airnet", num_parameters=569656,
+        train_params={"epochs": "10", "epochs_planned": "4", "optimizer": "sgd", "lr_schedule": "triangle",
+                      "precision": "auto", "precision_used": "fp32", "train_device": "cpu"},
+        source="s", sha256="ab", sizes={"train": 1, "test": 1}, test_accuracy=0.9, test_loss=0.3, per_class={},
+        onnx_max_abs_diff=0.0, onnx_mismatches=0, parity_images=1, run_ids={})
+    assert "Training: SGD (Nesterov), epochs 4, lr_schedule triangle, precision fp32, on cpu" in fast
