@@ -28,8 +28,8 @@ WHITENING_IMAGES = 5000  # training images whose patch statistics set a whitenin
 # Lookahead (config.lookahead), as the speed-runs do it: plain SGD for the first epochs, then every few steps
 # the weights move to a running average of themselves whose memory grows towards the end of training.
 LOOKAHEAD_START_EPOCH = 3  # epochs of plain SGD before the average starts
-LOOKAHEAD_EVERY = 5  # steps between two pulls towards the average
-LOOKAHEAD_DECAY = 0.95**LOOKAHEAD_EVERY  # the average's decay per pull at the end; (progress ** 3) of it before
+LOOKAHEAD_EVERY_IMAGES = 5 * 1024  # training images between two pulls towards the average (airbench: 5 steps)
+LOOKAHEAD_DECAY = 0.95**5  # the average's decay per pull at the end of training; (progress ** 3) of it before
 TRIANGLE = (0.2, 0.07)  # lr_schedule triangle: the factor it starts from and the one it ends at
 BUDGET_PROBE_STEPS = 3  # timed steps (after one untimed) that measure the speed a time budget is planned from
 
@@ -302,7 +302,7 @@ def train(
         shuffle.set_state(resume["rng"]["shuffle"])
         augment_rng.set_state(resume["rng"]["augment"])
         history = [EpochResult(**h) for h in resume["history"]]
-    lookahead = None
+    lookahead, pull_every = None, max(1, round(LOOKAHEAD_EVERY_IMAGES / config.batch_size))  # in steps
     for epoch in range(len(history) + 1, plan.epochs + 1):
         start = time.perf_counter()
         if config.lookahead and epoch > LOOKAHEAD_START_EPOCH:  # net == average at every epoch's start
@@ -317,7 +317,7 @@ def train(
             loss, logits, y = step_on(idx, epoch, augment_rng, model, optimizer)
             scheduler.step()
             done = (epoch - 1) * steps + step + 1
-            if lookahead is not None and done % LOOKAHEAD_EVERY == 0:
+            if lookahead is not None and done % pull_every == 0:
                 lookahead.pull(net, LOOKAHEAD_DECAY * (done / plan.total_steps) ** 3)
             loss_sum += loss.detach().float() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()

@@ -143,7 +143,8 @@ def test_fast_recipe_features_train_and_learn():
 
 
 @pytest.mark.parametrize("resume_after", [1, 4])  # 4: inside the lookahead, after the stem's bias froze
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(resume_after):
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(resume_after, monkeypatch):
+    monkeypatch.setattr(training, "LOOKAHEAD_EVERY_IMAGES", 128)  # a pull every 2 steps of 64
     images, labels = data(n=256)
     config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1),
                                 NO_BF16_CPU)
