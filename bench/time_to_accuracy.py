@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=int, default=1, help="seeds 0..runs-1 (the recipe's seed when 1)")
+    parser.add_argument("--seeds", help="comma-separated seeds to run instead of --runs")
     parser.add_argument("--target", type=float, default=85.0, help="test accuracy in percent")
     parser.add_argument("--tta", default="auto", help="false, flip or crops (auto: the recipe's)")
     parser.add_argument("--budget-minutes", type=float, help="train with this time budget instead of epochs")
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     print(f"precision {config.precision}, channels_last {config.channels_last}" +
           "".join(f"; {k}: {v}" for k, v in why.items()))
     print(f"recipe {args.recipe}: {asdict(config)}; test-time augmentation: {tta}")
-    seeds = [config.seed] if args.runs == 1 else list(range(args.runs))
+    seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds else
+             [config.seed] if args.runs == 1 else list(range(args.runs)))
     results = []
     for seed in seeds:
         print(f"seed {seed}")
