@@ -96,6 +96,21 @@ def log_new_params(params: dict) -> None:
     mlflow.log_params({k: str(v) for k, v in params.items() if k not in have})
 
 
+def log_input(dataset, context: str, tags: dict, attempts: int = 3) -> None:
+    """mlflow.log_input, safe when another run logs the same dataset at the same moment.
+
+    MLflow looks for the dataset's row, then inserts it: two runs doing that together (two recipes started
+    at once on one store) make the second fail on the unique constraint, its transaction rolled back. The
+    row exists by then, so logging again only links this run to it.
+    """
+    for attempt in range(attempts):
+        try:
+            return mlflow.log_input(dataset, context=context, tags=tags)
+        except MlflowException as exc:
+            if "unique constraint" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+
+
 def upstream(run_id: str, step: str) -> Run:
     """The FINISHED run of `step` with this id, or a UserError saying what is wrong with it."""
     try:

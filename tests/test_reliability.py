@@ -176,6 +176,39 @@ def parent_runs() -> list:
                               filter_string="tags.`mlflow.project.entryPoint` = 'main'")
 
 
+def test_ingest_survives_another_run_logging_the_same_dataset_at_the_same_moment(store, archive, monkeypatch):
+    """What two recipes started together hit: MLflow checks for the dataset row, then inserts it, and the
+    slower run failed on the unique constraint. Here the first insert of each split loses that race."""
+    real, lost = mlflow.log_input, []
+
+    def racing(dataset, context=None, tags=None):
+        if dataset.name not in lost:
+            lost.append(dataset.name)
+            real(dataset, context=context, tags=tags)  # the other run's row is now in the store ...
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                                    "datasets.experiment_id, datasets.name, datasets.digest")
+        return real(dataset, context=context, tags=tags)  # ... and logging again just links to it
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    ingest.main(["--data", str(archive), "--expected-records", "any"])
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FINISHED" and lost == ["cifar10-train", "cifar10-test"]
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["cifar10-test", "cifar10-train"]
+
+
+def test_ingest_does_not_retry_other_store_errors(store, archive, monkeypatch):
+    def broken(dataset, context=None, tags=None):
+        broken.calls += 1
+        raise mlflow.exceptions.MlflowException("disk I/O error")
+
+    broken.calls = 0
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="disk I/O error"):
+        ingest.main(["--data", str(archive), "--expected-records", "any"])
+    assert broken.calls == 1
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.status == "FAILED"
+
+
 def test_main_reuses_identical_steps_and_reruns_what_changed(store, archive, clean_checkout, tmp_path):
     common = {"data": archive, "expected_records": "any", "epochs": 1, "model_name": "reuse", "int8": "false"}
 

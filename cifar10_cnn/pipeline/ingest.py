@@ -12,7 +12,7 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 
 from .. import constants as C
 from .. import data as datalib
-from .. import params, plots
+from .. import params, plots, tracking
 from .common import cache_dir, say
 
 
@@ -31,7 +31,7 @@ def run(data: str, expected_records: str) -> None:
         # Our own digest: MLflow's default hashes only the first 10,000 values.
         ds = mlflow.data.from_numpy(images, targets=labels, source=dataset_source(source.origin),
                                     name=f"cifar10-{split}", digest=digest[:32])
-        mlflow.log_input(ds, context=context, tags={"sha256": digest, "records": str(len(labels))})
+        tracking.log_input(ds, context, {"sha256": digest, "records": str(len(labels))})
     sizes = dataset.sizes()
     mlflow.set_tags({"cifar10.source": source.origin, "cifar10.sha256": digest,
                      C.TAG_SOURCE_SHA256: datalib.source_digest(source)})
