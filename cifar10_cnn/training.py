@@ -267,10 +267,11 @@ def train(
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     def step_on(idx: torch.Tensor, epoch: int, rng: torch.Generator, train_model, train_optimizer):
-        """One optimizer step on the images `idx` (the global batch): (loss, logits, labels) of this process."""
-        x, y = images[idx], labels[idx]  # uint8 [B, 3, 32, 32], int64 [B]
+        """One optimizer step on the images `idx` (CPU; the global batch): (loss, logits, labels) of this process."""
+        on_device = idx.to(device, non_blocking=True)
+        x, y = images[on_device], labels[on_device]  # uint8 [B, 3, 32, 32], int64 [B]
         if config.augment:  # drawn for the global batch, so any number of processes sees the same crops
-            flip = (first_flip[idx.cpu()] ^ (epoch % 2 == 0)) if config.alternating_flip else None
+            flip = (first_flip[idx] ^ (epoch % 2 == 0)) if config.alternating_flip else None
             x = flip_crop(x, config.crop_padding, rng, flip)
         if world > 1:  # this process's shard: [B / world, ...]
             x, y = x[rank::world], y[rank::world]
@@ -287,7 +288,7 @@ def train(
         plan = Plan(resume.get("total_steps", config.epochs * steps), steps)
     elif config.budget_minutes:
         plan = plan_budget(config, steps, started, lambda i, rng, probe, probe_optimizer: step_on(
-            torch.randint(n, (config.batch_size,), generator=rng).to(device), 1, rng, probe, probe_optimizer),
+            torch.randint(n, (config.batch_size,), generator=rng), 1, rng, probe, probe_optimizer),
             net)
     else:
         plan = Plan(config.epochs * steps, steps)
@@ -307,7 +308,7 @@ def train(
         start = time.perf_counter()
         if config.lookahead and epoch > LOOKAHEAD_START_EPOCH:  # net == average at every epoch's start
             lookahead = Lookahead(net)
-        order = torch.randperm(n, generator=shuffle).to(device)
+        order = torch.randperm(n, generator=shuffle)  # on the CPU: the flips read it without waiting for a GPU
         epoch_steps = min(steps, plan.total_steps - (epoch - 1) * steps)
         seen = min(n, epoch_steps * config.batch_size)
         loss_sum = torch.zeros((), device=device)
