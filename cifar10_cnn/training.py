@@ -93,6 +93,14 @@ def init_distributed(device: str) -> tuple[int, int]:
     return distributed()
 
 
+def leave_distributed() -> None:
+    """Tear down this process's group, if it joined one, before the interpreter exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def share(payload=None):
     """Rank 0's `payload` on every rank (pickled; None tells the others that rank 0 gave up)."""
     import torch.distributed as dist

@@ -28,10 +28,15 @@ def main(argv=None):
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={int(nproc)}", "-m", "steps.train", *argv])
     rank, _ = training.init_distributed(args.device)
-    if rank == 0:
-        tracking.run_step("train", step.run, system_metrics=True, **vars(args))
-    else:
-        step.run_worker(**vars(args))
+    try:
+        if rank == 0:
+            tracking.run_step("train", step.run, system_metrics=True, **vars(args))
+        else:
+            step.run_worker(**vars(args))
+    finally:
+        # A gloo group still alive when the interpreter exits can abort the process ("terminate called
+        # without an active exception", SIGABRT; seen in CI on rank 1 while rank 0 was still logging).
+        training.leave_distributed()
 
 
 if __name__ == "__main__":
