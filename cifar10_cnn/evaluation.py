@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .progress import bar
+from .training import reflect_index
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,7 @@ def shift(images: torch.Tensor, dy: int, dx: int, h_dim: int, w_dim: int) -> tor
     """The images moved by (dy, dx) pixels (down, right), the edge mirrored into the gap (reflect padding)."""
 
     def source(size: int, d: int, device) -> torch.Tensor:
-        index = (torch.arange(size, device=device) - d).abs()  # above the top: mirrored back in
-        return torch.where(index > size - 1, 2 * (size - 1) - index, index)  # below the bottom: likewise
+        return reflect_index(torch.arange(size, device=device) - d, size)
 
     out = images.index_select(h_dim, source(images.shape[h_dim], dy, images.device))
     return out.index_select(w_dim, source(images.shape[w_dim], dx, images.device))

@@ -37,14 +37,14 @@ class TrainConfig:
     #                                | triangle (linear from 0.2x up over the warm-up, then down to 0.07x)
     warmup_epochs: float = 0.0  # epochs of linear warm-up from 0 to learning_rate
     label_smoothing: float = 0.0  # probability mass spread over all classes in the loss target
-    augment: bool = False  # random crop from the zero-padded image + horizontal flip, per batch
+    augment: bool = False  # random crop from the reflect-padded image + horizontal flip, per batch
     precision: str = "fp32"  # fp32 | bf16 (autocast: matmuls and convolutions in bfloat16) | HARDWARE
     channels_last: bool | str = False  # NHWC memory format: faster convolutions with oneDNN and on GPUs | HARDWARE
     seed: int = 42  # model init, shuffling and augmentation
     momentum: float = 0.9  # SGD's Nesterov momentum (Adam ignores it)
     bias_lr_scale: float = 1.0  # batch-norm parameters learn this many times faster than the weights
     lookahead: bool = False  # after 3 epochs, move the weights to their running average every 5 steps
-    crop_padding: int = 4  # pixels of zero padding around the image that augment's random crops come from
+    crop_padding: int = 4  # pixels each way that augment's random crops move the image (edge mirrored in)
     alternating_flip: bool = False  # augment flips each image in every other epoch (random start), not at random
     budget_minutes: float = 0.0  # > 0: train as many steps as fit these minutes (measured first); epochs is ignored
 

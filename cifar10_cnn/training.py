@@ -112,7 +112,11 @@ def share(payload=None):
 
 def param_groups(net: nn.Module, config: TrainConfig) -> list[dict]:
     """The trainable parameters in groups: weights (decayed), batch-norm parameters (bias_lr_scale x the
-    rate, never decayed), a whitening stem's bias (frozen after the model's stem_bias_epochs), the rest."""
+    rate), a whitening stem's bias (frozen after the model's stem_bias_epochs), the rest (not decayed).
+
+    Batch-norm parameters decay by as much per step as the weights do (weight_decay / bias_lr_scale at
+    bias_lr_scale x the rate), as in airbench: a larger rate must not mean a stronger pull to zero.
+    """
     norm = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     stem = getattr(net, "stem", None) if hasattr(net, "stem_bias_epochs") else None
     stem_bias = {id(stem.bias)} if stem is not None and stem.bias is not None else set()
@@ -123,7 +127,7 @@ def param_groups(net: nn.Module, config: TrainConfig) -> list[dict]:
                    "weights" if p.ndim > 1 else "other")
             groups[key].append(p)
     lr, wd = config.learning_rate, config.weight_decay
-    options = {"weights": {"lr": lr, "weight_decay": wd}, "norm": {"lr": lr * config.bias_lr_scale},
+    options = {"weights": {"lr": lr, "weight_decay": wd}, "norm": {"lr": lr * config.bias_lr_scale, "weight_decay": wd / config.bias_lr_scale},
                "stem_bias": {"lr": lr}, "other": {"lr": lr}}
     return [{"params": ps, "name": key, **options[key]} for key, ps in groups.items() if ps]
 
@@ -194,26 +198,33 @@ class Lookahead:
             state[key].copy_(average)
 
 
+def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions outside 0..size-1 mirrored back in, the edge pixel not repeated (like reflect padding)."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
 def flip_crop(images: torch.Tensor, padding: int, generator: torch.Generator,
               flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Random crops of the zero-padded batch and horizontal flips, uint8 `[B, 3, H, W]` in and out.
+    """Random crops of the reflect-padded batch and horizontal flips, uint8 `[B, 3, H, W]` in and out.
 
-    One gather for the whole batch on its own device; the random numbers come from a CPU generator so
-    that a seed gives the same augmentation on every device. `flip` (bool `[B]`, CPU) says which images
-    to mirror; by default each is mirrored at random.
+    Each image moves by up to `padding` pixels each way; the gap is filled with the image mirrored at its
+    edge, as the speed-runs do, so that no training image has the black border no test image has. One
+    gather for the whole batch on its own device, no padded copy; the random numbers come from a CPU
+    generator so that a seed gives the same augmentation on every device. `flip` (bool `[B]`, CPU) says
+    which images to mirror; by default each is mirrored at random.
     """
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))  # [B, 3, H + 2p, W + 2p]
-    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) for _ in range(2))
+    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) - padding for _ in range(2))
     if flip is None:
         flip = torch.rand(b, generator=generator) < 0.5
-    rows = dy[:, None] + torch.arange(h)  # [B, H] rows of the padded image to take
-    cols = dx[:, None] + torch.arange(w)  # [B, W]
+    rows = reflect_index(dy[:, None] + torch.arange(h), h)  # [B, H] rows of the image to take
+    cols = reflect_index(dx[:, None] + torch.arange(w), w)  # [B, W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
     device = images.device
     batch_index = torch.arange(b, device=device)[:, None, None, None]
     channel_index = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch_index, channel_index, rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
+    return images[batch_index, channel_index, rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def test_flip_crop_takes_windows_of_the_padded_image():
     images = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)
     out = training.flip_crop(images, 2, torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     flips = 0
     for pad, got in zip(padded, out, strict=True):
         windows = [pad[:, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
@@ -200,7 +200,10 @@ def test_parameter_groups_batch_norm_rate_and_frozen_whitening():
     net = models.build("airnet")
     groups = {g["name"]: g for g in training.param_groups(net, config)}
     assert set(groups) == {"weights", "norm", "stem_bias"}  # BN scales are frozen; the stem's weight too
-    assert groups["norm"]["lr"] == config.learning_rate * 64 and groups["norm"].get("weight_decay", 0) == 0
+    assert groups["norm"]["lr"] == config.learning_rate * 64
+    # decayed per step as much as the weights: lr x wd is the same in both groups
+    assert groups["norm"]["lr"] * groups["norm"]["weight_decay"] == pytest.approx(
+        config.learning_rate * config.weight_decay)
     assert groups["weights"]["weight_decay"] == config.weight_decay
     assert all(p.ndim > 1 for p in groups["weights"]["params"])
     assert groups["stem_bias"]["params"][0] is net.stem.bias
