@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import onnx
 import torch
 
 from . import constants as C
+from .logs import quiet
 
 
 def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
@@ -24,10 +24,7 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     batch = torch.export.Dim("batch")
     # The exporter warns once per torchvision operator it cannot register when torchvision is absent;
     # we use none of them.
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
-    try:
+    with quiet("torch.onnx._internal.exporter._registration"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
             program = torch.onnx.export(
@@ -39,8 +36,6 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
                 dynamic_shapes={"images": {0: batch}},
                 verbose=False,
             )
-    finally:
-        registration_log.setLevel(level)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -115,10 +110,7 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, batch_size: i
             start = next(self._batches, None)
             return None if start is None else {C.SERVING_INPUT: calibration[start : start + batch_size]}
 
-    root = logging.getLogger()  # the quantizer warns on the root logger about every batch-norm weight
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    with quiet(""):  # the quantizer warns on the root logger about every batch-norm weight
         with tempfile.TemporaryDirectory() as tmp:
             source, prepared, target = (str(Path(tmp) / n) for n in ("float.onnx", "prepared.onnx", "int8.onnx"))
             onnx.save(proto, source)
@@ -127,8 +119,6 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, batch_size: i
             quantize_static(prepared, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             quantized = onnx.load(target)
-    finally:
-        root.setLevel(level)
     onnx.checker.check_model(quantized)
     return quantized
 

@@ -8,7 +8,6 @@ and answers with class names and probabilities.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from mlflow.models import Model
 
 from . import constants as C
 from . import serving
+from .logs import quiet
 
 LOADER_MODULE = "cifar10_serving"  # the name serving.py has inside a logged model's code/ folder
 
@@ -62,10 +62,5 @@ def log_onnx(proto, name: str, signature, example, class_names, metadata: dict, 
 
 def _log(flavor: _Flavor, name: str, metadata: dict, **kwargs):
     # MLflow warns that a model without signature cannot be checked; ours checks its own input.
-    log = logging.getLogger("mlflow.models.model")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with quiet("mlflow.models.model"):
         return Model.log(artifact_path=None, name=name, flavor=flavor, metadata=metadata, **kwargs)
-    finally:
-        log.setLevel(level)

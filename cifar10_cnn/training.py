@@ -127,7 +127,8 @@ def param_groups(net: nn.Module, config: TrainConfig) -> list[dict]:
                    "weights" if p.ndim > 1 else "other")
             groups[key].append(p)
     lr, wd = config.learning_rate, config.weight_decay
-    options = {"weights": {"lr": lr, "weight_decay": wd}, "norm": {"lr": lr * config.bias_lr_scale, "weight_decay": wd / config.bias_lr_scale},
+    scale = config.bias_lr_scale
+    options = {"weights": {"lr": lr, "weight_decay": wd}, "norm": {"lr": lr * scale, "weight_decay": wd / scale},
                "stem_bias": {"lr": lr}, "other": {"lr": lr}}
     return [{"params": ps, "name": key, **options[key]} for key, ps in groups.items() if ps]
 
