@@ -7,6 +7,7 @@ VENV ?= .venv
 RECIPE ?= seed
 EPOCHS ?= auto
 DATA ?= auto
+EXPERIMENT ?= cifar10-cnn
 BIN := $(abspath $(VENV))/bin
 
 .PHONY: install run test test-fast test-browser lint bench ui clean
@@ -20,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # --env-manager local runs the steps with the `python` first on PATH: put the venv's first.
+# MLflow's own INFO lines (directories, commands) are left out; its warnings and errors still show.
 run: install
-	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local -P recipe=$(RECIPE) -P epochs=$(EPOCHS) -P data=$(DATA)
+	PATH="$(BIN):$$PATH" MLFLOW_LOGGING_LEVEL=$${MLFLOW_LOGGING_LEVEL:-WARNING} $(BIN)/mlflow run . --env-manager local \
+		--experiment-name $(EXPERIMENT) -P recipe=$(RECIPE) -P epochs=$(EPOCHS) -P data=$(DATA)
 
 lint: install
 	$(BIN)/ruff check .

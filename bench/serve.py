@@ -142,7 +142,6 @@ def log_untrained(network: str, workdir: Path) -> tuple[str, dict]:
     """Log an untrained `network` the way the export step logs its ONNX model; its URI and the env to serve it."""
     import mlflow
     import torch
-    from mlflow.models import infer_signature
 
     from cifar10_cnn import constants as C
     from cifar10_cnn import export, mlmodel, models
@@ -158,8 +157,7 @@ def log_untrained(network: str, workdir: Path) -> tuple[str, dict]:
     proto = export.to_onnx(model, torch.from_numpy(example))
     logits = export.onnx_predictor(export.session(proto))(example)
     with mlflow.start_run():
-        info = mlmodel.log_onnx(proto, C.ONNX_MODEL_NAME, infer_signature(example, logits), example,
-                                C.CLASS_NAMES, {}, ["onnxruntime"])
+        info = mlmodel.log_onnx(proto, C.ONNX_MODEL_NAME, example, logits, C.CLASS_NAMES)
     return info.model_uri, {**os.environ, "MLFLOW_TRACKING_URI": uri}
 
 

@@ -38,7 +38,13 @@ DATASET_DIR = "dataset"  # ingest run: dataset/{train,test}_{images,labels}.npy 
 CHECKPOINT_PATH = "checkpoint/model.pt"  # train run: self-describing checkpoint of the final weights
 EPOCH_CHECKPOINT_DIR = "checkpoints"  # train run: one resumable checkpoint per epoch (weights, optimizer, RNG)
 EPOCH_CHECKPOINT = "epoch_{epoch:04d}.pt"
+TAG_STEP = "cifar10.step"  # every step run: which entry point made it; checked when its id is handed on
+TAG_STEP_RUN = "cifar10.{step}_run_id"  # main run: the run of each step (made or reused)
+TAG_SHA256 = "cifar10.sha256"  # ingest and train runs: sha256 of the dataset's arrays
+TAG_SOURCE = "cifar10.source"  # ingest run: where the data came from (URL or path)
 TAG_LAST_CHECKPOINT = "cifar10.last_checkpoint_epoch"
+TAG_RESUMED_FROM = "cifar10.resumed_from"  # train run: '<run id> after epoch N' when it continued a killed run
+TAG_RESUMED_BY = "cifar10.resumed_by"  # the killed train run: the run that continued it
 TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive (or folder) it read
 TAG_HARDWARE = "cifar10.hardware"  # train run: the device it trained on and its features (hardware.describe)
 TAG_DECISION = "cifar10.auto."  # train run: + precision / channels_last / warning: why auto chose what it chose
@@ -46,9 +52,13 @@ TAG_REUSED = "cifar10.reused"  # main run: the steps it took from earlier runs i
 PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
 ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor
 ONNX_INT8_MODEL_NAME = "onnx_int8_model"  # name= of the quantized ONNX model
-ONNX_FILE = "cifar10_cnn.onnx"  # the exported file, also kept as a plain run artifact
 TAG_PYTORCH_MODEL_URI = "cifar10.pytorch_model_uri"
 TAG_ONNX_MODEL_URI = "cifar10.onnx_model_uri"
+TAG_ONNX_PATH = "cifar10.onnx_path"  # export run: the ONNX file on disk (local stores)
+TAG_REGISTERED = "cifar10.registered.{flavor}"  # export run: '<name>/<version>' or why it was not registered
+TAG_PROMOTION = "cifar10.promotion"  # promote run: promoted | refused, with the reason and the version
+TAG_PROMOTION_REASON = "cifar10.promotion_reason"
+TAG_CANDIDATE_VERSION = "cifar10.candidate_version"
 DEFAULT_MODEL_NAME = "cifar10-cnn"  # registered name of the PyTorch flavor; ONNX gets "-onnx"
 ONNX_REGISTERED_SUFFIX = "-onnx"
 INT8_REGISTERED_SUFFIX = "-int8"  # <model_name>-onnx-int8
@@ -64,3 +74,7 @@ ONNX_MAX_ABS_DIFF = 1e-3
 # --- Where ingest caches downloads (relative to the working directory unless absolute) ---------------
 CACHE_DIR_ENV = "CIFAR10_DATA_DIR"
 DEFAULT_CACHE_DIR = "data"
+
+# `mlflow ui` opens an experiment by this tag's kind; without it MLflow 3 shows a GenAI traces overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"

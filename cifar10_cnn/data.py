@@ -71,6 +71,16 @@ class Source:
 # --- finding the data --------------------------------------------------------------------------------
 
 
+def cache_dir() -> Path:
+    """Where downloads are kept between runs ($CIFAR10_DATA_DIR, else ./data)."""
+    return Path(os.environ.get(C.CACHE_DIR_ENV, C.DEFAULT_CACHE_DIR))
+
+
+def nhwc(images_nchw: np.ndarray) -> np.ndarray:
+    """Stored NCHW uint8 -> the NHWC uint8 that the logged models take."""
+    return np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
+
+
 def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: bool = True) -> Source | None:
     """Turn the `data` parameter into a local archive or folder, downloading when it is a URL.
 

@@ -10,6 +10,7 @@ handing `decide` the capabilities of machines they are not running on.
 from __future__ import annotations
 
 import platform
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -92,3 +93,13 @@ def decide(config: TrainConfig, caps: Capabilities) -> tuple[TrainConfig, dict[s
         why["channels_last"] = (f"auto: {config.model} runs {'faster' if channels_last else 'no faster'} "
                                 f"in NHWC on {caps.device}")
     return replace(config, precision=precision, channels_last=channels_last), why
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, or None where the OS does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB

@@ -47,17 +47,52 @@ class _Flavor:
         mlflow_model.save(str(Path(path, "MLmodel")))
 
 
-def log_pytorch(model, name: str, signature, example, class_names, metadata: dict, pip_requirements: list[str]):
+def base_version(version: str) -> str:
+    return version.split("+")[0]  # '2.14.1+cu130' -> '2.14.1': local labels don't resolve on PyPI
+
+
+def model_metadata(class_names) -> dict:
+    """What a logged model takes and gives, stored in its MLmodel file."""
+    return {"class_names": list(class_names),
+            "input": f"uint8 RGB pixels [batch, 32, 32, 3] (NHWC), 0..255, at most {C.MAX_REQUEST_IMAGES} per request",
+            "output": "pyfunc: one row per image with class, class_index, probability, probabilities; "
+                      f"the network itself: {C.SERVING_OUTPUT} float32 [batch, {C.NUM_CLASSES}]"}
+
+
+def log_pytorch(model, example_nchw, class_names):
+    """The PyTorch flavor (a torch.export program) of `model` (uint8 NHWC in, logits out), with its
+    signature from `example_nchw` (stored NCHW uint8; >= 2 images, or torch.export fixes the batch at 1)."""
+    import torch
+    from mlflow.models import infer_signature
+
+    from .data import nhwc
+
+    example = nhwc(example_nchw)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(example)).numpy()
     flavor = _Flavor(mlflow.pytorch.save_model, "pytorch", "data", class_names, C.MAX_REQUEST_IMAGES)
-    return _log(flavor, name, metadata, pytorch_model=model, signature=signature, input_example=example,
-                pip_requirements=pip_requirements, serialization_format="pt2")
+    return _log(flavor, C.PYTORCH_MODEL_NAME, model_metadata(class_names), pytorch_model=model,
+                signature=infer_signature(example, logits), input_example=example,
+                pip_requirements=[f"torch=={base_version(torch.__version__)}", f"mlflow=={mlflow.__version__}"],
+                serialization_format="pt2")
 
 
-def log_onnx(proto, name: str, signature, example, class_names, metadata: dict, pip_requirements: list[str]):
+def log_onnx(proto, name: str, example, logits, class_names):
+    """An ONNX flavor: `example` uint8 NHWC images and the `logits` the model gives for them.
+
+    The signature is explicit: with only a uint8 example, MLflow's JSON round trip turns it into int64
+    and the model would be logged with no signature at all.
+    """
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
     flavor = _Flavor(mlflow.onnx.save_model, "onnx", "model.onnx", class_names, C.MAX_REQUEST_IMAGES)
-    return _log(flavor, name, metadata, onnx_model=proto, signature=signature, input_example=example,
-                pip_requirements=pip_requirements, save_as_external_data=False,
-                onnx_execution_providers=["CPUExecutionProvider"])
+    return _log(flavor, name, model_metadata(class_names), onnx_model=proto,
+                signature=infer_signature(example, logits), input_example=example,
+                pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                                  f"mlflow=={mlflow.__version__}"],
+                save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
 
 
 def _log(flavor: _Flavor, name: str, metadata: dict, **kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 
+from . import constants as C
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -96,3 +97,40 @@ def version_ref(value: str) -> str:
     if not re.match(r"^([1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]{0,63})$", text):
         raise UserError(f"version must be a version number or an alias (e.g. candidate, previous), got {value!r}")
     return text
+
+
+# --- The step arguments, each declared once: (default or None when required, help). The recipe's
+# hyperparameters (recipes.FIELDS) come on top, each defaulting to 'auto'. MLproject declares the same
+# names and defaults (tests/test_project_files.py keeps the two in step).
+OPTIONS: dict[str, tuple[str | None, str]] = {
+    "data": ("auto", "auto, a URL, a .tar.gz archive or an extracted folder"),
+    "expected_records": ("50000,10000", "TRAIN,TEST record counts, or 'any'"),
+    "recipe": ("seed", "seed (the tutorial) or fast (AirNet, the speed-runs' recipe)"),
+    "device": ("auto", "auto, cpu, cuda or mps"),
+    "nproc_per_node": ("1", "training processes on this machine (torchrun + DDP)"),
+    "resume_run_id": ("none", "a killed train run to continue from its last epoch"),
+    "tta": ("auto", "test-time augmentation: false, flip, crops, or auto (the recipe's)"),
+    "model_name": (C.DEFAULT_MODEL_NAME, "registered name of the PyTorch flavor; ONNX gets '-onnx'"),
+    "int8": ("true", "also quantize to INT8 (registered if it loses <= 1 point)"),
+    "reuse": ("true", "reuse FINISHED step runs with the same parameters, code (git commit) and data"),
+    "version": ("candidate", "a registered version number or an alias (candidate, previous)"),
+    "force": ("false", "promote even when the test accuracy is lower"),
+    "ingest_run_id": (None, "the FINISHED ingest run whose data to use"),
+    "train_run_id": (None, "the FINISHED train run whose model to use"),
+    "evaluate_run_id": (None, "the FINISHED evaluate run of that train run"),
+}
+
+
+def parser(step: str, description: str, names: tuple[str, ...], hyperparameters: bool = False):
+    """argparse for `python -m steps.<step>` with the arguments `names` (and every hyperparameter)."""
+    import argparse
+
+    from .recipes import AUTO, FIELDS
+
+    parse = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=description)
+    for name in names:
+        default, help_text = OPTIONS[name]
+        parse.add_argument(f"--{name.replace('_', '-')}", default=default, required=default is None, help=help_text)
+    for name in FIELDS if hyperparameters else ():
+        parse.add_argument(f"--{name.replace('_', '-')}", default=AUTO, help="'auto' (the recipe's) or a value")
+    return parse

@@ -11,12 +11,15 @@ import sys
 from tqdm import tqdm
 
 
+def say(step: str, text: str) -> None:
+    """One line of a step's story on stdout, flushed at once so that logs interleave in order."""
+    print(f"[{step}] {text}", flush=True)
+
+
 def interactive() -> bool:
     return sys.stderr.isatty()
 
 
 def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs) -> tqdm:
-    return tqdm(
-        iterable, total=total, desc=desc, unit=unit, leave=False, disable=not interactive(),
-        dynamic_ncols=True, **kwargs,
-    )
+    # disable=None: tqdm switches itself off when its stream (stderr) is not a terminal.
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None, dynamic_ncols=True, **kwargs)

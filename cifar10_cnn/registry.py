@@ -9,6 +9,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import constants as C
 from .errors import UserError
 
 
@@ -18,6 +19,21 @@ def register(model_uri: str, name: str, tags: dict, alias: str | None) -> ModelV
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
     return version
+
+
+def card_facts(train_run, eval_run, ingest_run, class_names, parity, run_ids: dict) -> dict:
+    """What model_card says about a version, all read from the runs that made it."""
+    return {
+        "model": train_run.data.params.get("model", "?"),
+        "num_parameters": int(train_run.data.params.get("num_parameters", 0)),
+        "train_params": train_run.data.params, "source": ingest_run.data.tags.get(C.TAG_SOURCE, "?"),
+        "sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""),
+        "sizes": {k: int(ingest_run.data.metrics.get(f"{k}_records", 0)) for k in ("train", "test")},
+        "test_accuracy": eval_run.data.metrics["test_accuracy"], "test_loss": eval_run.data.metrics["test_loss"],
+        "per_class": {c: eval_run.data.metrics.get(f"test_accuracy_{c}", float("nan")) for c in class_names},
+        "onnx_max_abs_diff": parity.max_abs_diff, "onnx_mismatches": parity.argmax_mismatches,
+        "parity_images": parity.images, "run_ids": run_ids,
+    }
 
 
 def model_card(

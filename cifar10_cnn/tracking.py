@@ -17,10 +17,9 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from . import constants as C
 from .errors import UserError
 from .progress import interactive
-
-STEP_TAG = "cifar10.step"  # which entry point made a run; checked when a run id is handed downstream
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -67,9 +66,10 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
         # Every 2 s unless the user chose otherwise (MLflow's default, 10 s, is most of a short run).
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-    mlflow.start_run(log_system_metrics=system_metrics)
+    run = mlflow.start_run(log_system_metrics=system_metrics)
     try:
-        mlflow.set_tag(STEP_TAG, step)
+        tag_experiment_kind(run.info.experiment_id)
+        mlflow.set_tag(C.TAG_STEP, step)
         # The step's own arguments are its params, as `mlflow run` would log them: downstream steps
         # read them from here (e.g. evaluate finds the ingest run through the train run's params).
         log_new_params(kwargs)
@@ -117,7 +117,7 @@ def upstream(run_id: str, step: str) -> Run:
         run = mlflow.get_run(run_id)
     except MlflowException:
         raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
-    made_by = run.data.tags.get(STEP_TAG)
+    made_by = run.data.tags.get(C.TAG_STEP)
     if made_by != step:
         raise UserError(f"{step}_run_id {run_id} was made by {made_by or 'no pipeline step'!r}, not by {step!r}")
     if run.info.status != "FINISHED":
@@ -138,8 +138,10 @@ def store_lock(name: str):
     """An exclusive lock beside a local tracking store (SQLite file or ./mlruns folder), held for the block.
 
     Yields True when locked. A tracking server offers no lock, so there it yields False and callers
-    run unlocked (the README says so).
+    run unlocked (the docs say so).
     """
+    from filelock import FileLock
+
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?")[0] + f".{name}.lock")
@@ -148,15 +150,62 @@ def store_lock(name: str):
     else:
         yield False
         return
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield False
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for the other holder
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):  # waits for the other holder
+        yield True
+
+
+def dataset_of(ingest_run_id: str, splits: tuple[str, ...]):
+    """The dataset a FINISHED ingest run logged, with only `splits` loaded."""
+    from . import data
+
+    upstream(ingest_run_id, "ingest")
+    return data.load(artifact(ingest_run_id, C.DATASET_DIR), splits)
+
+
+def tag_experiment_kind(experiment_id: str) -> None:
+    """Make `mlflow ui` open the experiment on its runs table, not MLflow 3's GenAI traces overview.
+
+    The UI picks its mode from the experiment tag mlflow.experimentKind; a kind set already (by the
+    user, or by MLflow for a GenAI experiment) is left as it is.
+    """
+    client = mlflow.MlflowClient()
+    if C.EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, C.EXPERIMENT_KIND_TAG, C.EXPERIMENT_KIND)
+
+
+def code_version(project_dir: Path) -> tuple[str | None, str]:
+    """The git commit of the project, or None and why, when the code is not exactly a commit."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"git is not usable here ({exc})"
+    if head.returncode != 0:
+        return None, f"{project_dir} is not a git checkout"
+    if dirty.stdout.strip():
+        return None, "the project has uncommitted changes, so its code is not a known version"
+    return head.stdout.strip(), ""
+
+
+def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
+    """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
+
+    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes.
+    """
+    import shlex
+
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{C.TAG_STEP}` = '{entry_point}' and attributes.status = 'FINISHED' "
+                       f"and tags.`mlflow.source.git.commit` = '{commit}'"),
+    )
+    for run in runs:
+        if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(
+                run.data.tags.get(k) == v for k, v in tags.items()):
+            return run.info.run_id
+    return None

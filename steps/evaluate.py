@@ -1,18 +1,51 @@
 """evaluate: test-set loss, accuracy, per-class accuracy and a confusion matrix for a train run."""
 
-import argparse
+import mlflow
+import torch
 
-from cifar10_cnn import tracking
-from cifar10_cnn.pipeline import evaluate as step
+from cifar10_cnn import checkpoints, evaluation, models, params, plots, recipes, tracking, training
+from cifar10_cnn import constants as C
+from cifar10_cnn.progress import say
+
+
+def run(train_run_id: str, device: str, tta: str) -> None:
+    target = training.select_device(params.choice("device", device, params.DEVICES))
+    train_run, net, config = checkpoints.trained(params.run_id("train_run_id", train_run_id))
+    tta = recipes.tta_level(tta, train_run.data.params.get("recipe"))
+    ingest_run_id = train_run.data.params["ingest_run_id"]
+    dataset = tracking.dataset_of(ingest_run_id, ("test",))
+    tracking.log_new_params({"model": config.model, "eval_device": target, "ingest_run_id": ingest_run_id,
+                             "tta_used": tta})
+
+    model = models.RawPixelClassifier(net).to(target).eval()
+    images = torch.from_numpy(dataset.test_images).to(target).permute(0, 2, 3, 1)  # NHWC view, as served
+    labels = torch.from_numpy(dataset.test_labels)
+    logits = evaluation.predict_logits(model, images)
+    result = evaluation.evaluate(logits, labels, C.NUM_CLASSES)
+    if tta != "false":  # logged beside, never instead of, the plain accuracy: the served model sees one view
+        augmented = evaluation.predict_logits(evaluation.with_tta(model, tta, h_dim=1, w_dim=2), images)
+        scored = evaluation.evaluate(augmented, labels, C.NUM_CLASSES)
+        mlflow.log_metrics({"test_accuracy_tta": scored.accuracy, "test_loss_tta": scored.loss})
+        say("evaluate", f"with test-time augmentation ({tta}): test accuracy {scored.accuracy:.2%}")
+
+    names = dataset.class_names
+    mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
+                        **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})
+    mlflow.log_dict({"classes": list(names), "per_class_accuracy": result.per_class_accuracy,
+                     "confusion": result.confusion.tolist()}, "evaluation.json")
+    mlflow.log_figure(plots.confusion_matrix(result.confusion, names), "confusion_matrix.png")
+    mlflow.log_figure(plots.per_class_accuracy(names, result.per_class_accuracy, result.accuracy),
+                      "per_class_accuracy.png")
+    probabilities = torch.softmax(logits, 1).numpy()
+    mlflow.log_figure(plots.confident_mistakes(dataset.test_images, dataset.test_labels, probabilities, names),
+                      "confident_mistakes.png")
+    say("evaluate", f"test loss {result.loss:.4f}, test accuracy {result.accuracy:.2%} "
+                     f"on {len(dataset.test_labels):,} images")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m steps.evaluate", description=__doc__)
-    parser.add_argument("--train-run-id", required=True)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--tta", default="false", help="test-time augmentation: false, flip or crops")
-    args = parser.parse_args(argv)
-    tracking.run_step("evaluate", step.run, **vars(args))
+    args = params.parser("evaluate", __doc__, ("train_run_id", "device", "tta")).parse_args(argv)
+    tracking.run_step("evaluate", run, **vars(args))
 
 
 if __name__ == "__main__":

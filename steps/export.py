@@ -1,19 +1,134 @@
-"""export: ONNX export with parity checks, then register the PyTorch and ONNX flavors (alias candidate)."""
+"""export: ONNX export with parity checks, then register the PyTorch and ONNX flavors (alias candidate),
+and an INT8 ONNX model when it loses at most a point."""
 
-import argparse
+import mlflow
+import torch
 
-from cifar10_cnn import tracking
-from cifar10_cnn.pipeline import export as step
+from cifar10_cnn import checkpoints, export, mlmodel, models, params, registry, tracking
+from cifar10_cnn import constants as C
+from cifar10_cnn.data import nhwc
+from cifar10_cnn.errors import CheckFailed, UserError
+from cifar10_cnn.progress import say
+
+
+def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "true") -> None:
+    model_name = params.model_name(model_name)
+    int8 = params.boolean("int8", int8)
+    train_run, net, config = checkpoints.trained(params.run_id("train_run_id", train_run_id))
+    eval_run = tracking.upstream(params.run_id("evaluate_run_id", evaluate_run_id), "evaluate")
+    if eval_run.data.params.get("train_run_id") != train_run_id:
+        raise UserError(f"evaluate run {evaluate_run_id} evaluated train run "
+                        f"{eval_run.data.params.get('train_run_id')}, not {train_run_id}")
+    ingest_run_id = train_run.data.params["ingest_run_id"]
+    dataset = tracking.dataset_of(ingest_run_id, ("train", "test") if int8 else ("test",))
+    images = nhwc(dataset.test_images)
+    model = models.RawPixelClassifier(net).eval()
+
+    # ONNX: export, check, and compare with PyTorch on every test image.
+    proto = export.to_onnx(model, torch.from_numpy(images[:8]))
+    reference = export.torch_predictor(model)
+    onnx_parity = export.compare(reference, export.onnx_predictor(export.session(proto)), images)
+    # The PyTorch flavor as logged (a torch.export program) must compute what the checkpoint does.
+    pytorch_uri = train_run.data.tags[C.TAG_PYTORCH_MODEL_URI]
+    logged = export.torch_predictor(mlflow.pytorch.load_model(pytorch_uri))
+    pytorch_parity = export.compare(reference, logged, images)
+    mlflow.log_metrics({"onnx_max_abs_diff": onnx_parity.max_abs_diff, "onnx_max_abs_logit": onnx_parity.max_abs_logit,
+                        "onnx_argmax_mismatches": onnx_parity.argmax_mismatches,
+                        "pytorch_flavor_max_abs_diff": pytorch_parity.max_abs_diff,
+                        "parity_images": onnx_parity.images})
+    for flavor, parity in (("ONNX", onnx_parity), ("logged PyTorch", pytorch_parity)):
+        if not parity.ok:
+            raise CheckFailed(
+                f"{flavor} model disagrees with the checkpoint: max |logit diff| {parity.max_abs_diff:.2e} "
+                f"(tolerance {parity.tolerance:.1e} for logits up to {parity.max_abs_logit:.3g}), "
+                f"{parity.argmax_mismatches} of {parity.images} predictions differ; nothing was registered"
+            )
+    say("export", f"ONNX parity on {onnx_parity.images:,} test images: max |logit diff| "
+                   f"{onnx_parity.max_abs_diff:.1e}, {onnx_parity.argmax_mismatches} differing predictions")
+
+    onnx_info = mlmodel.log_onnx(proto, C.ONNX_MODEL_NAME, images[:4], reference(images[:4]), dataset.class_names)
+    onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
+    mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
+    int8_model = quantize(proto, dataset, images) if int8 else None  # before anything is registered
+
+    # Register both flavors with the same tags, and a model card each.
+    export_run_id = mlflow.active_run().info.run_id
+    ingest_run = mlflow.get_run(ingest_run_id)
+    tags = {"ingest_run_id": ingest_run_id, "train_run_id": train_run_id, "evaluate_run_id": evaluate_run_id,
+            "export_run_id": export_run_id,
+            "pipeline_run_id": mlflow.get_run(export_run_id).data.tags.get("mlflow.parentRunId", ""),
+            "test_accuracy": f"{eval_run.data.metrics['test_accuracy']:.4f}",
+            "dataset_sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""), "model": config.model,
+            "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}"}
+    onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
+    pt_version = registry.register(pytorch_uri, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
+    onnx_version = registry.register(onnx_info.model_uri, onnx_name,
+                                     {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
+                                     C.CANDIDATE_ALIAS)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(model_name, pt_version.version, "onnx_version", onnx_version.version)
+    facts = registry.card_facts(train_run, eval_run, ingest_run, dataset.class_names, onnx_parity,
+                                {k: tags[f"{k}_run_id"] for k in ("pipeline", "ingest", "train", "evaluate", "export")})
+    for name, version, flavor in ((model_name, pt_version.version, "pytorch"),
+                                  (onnx_name, onnx_version.version, "onnx")):
+        client.update_model_version(name, version, description=registry.model_card(
+            name=name, version=str(version), flavor=flavor, **facts))
+    mlflow.set_tags({C.TAG_REGISTERED.format(flavor="pytorch"): f"{model_name}/{pt_version.version}",
+                     C.TAG_REGISTERED.format(flavor="onnx"): f"{onnx_name}/{onnx_version.version}"})
+    say("export", f"registered {model_name} v{pt_version.version} and {onnx_name} v{onnx_version.version}, "
+                   f"alias @{C.CANDIDATE_ALIAS}")
+    if int8_model is not None:
+        register_int8(int8_model, onnx_name + C.INT8_REGISTERED_SUFFIX,
+                      {**tags, "flavor": "onnx-int8", "pytorch_version": pt_version.version,
+                       "onnx_version": onnx_version.version})
+
+
+def quantize(proto, dataset, test_images):
+    """INT8 model, logged with its accuracy drop and speed-up. Returns its ModelInfo and accuracy drop."""
+    calibration = nhwc(dataset.train_images[: C.INT8_CALIBRATION_IMAGES])
+    quantized = export.quantize_int8(proto, calibration)
+    float_onnx = export.onnx_predictor(export.session(proto))
+    int8_onnx = export.onnx_predictor(export.session(quantized))
+    float_accuracy = export.accuracy(float_onnx, test_images, dataset.test_labels)
+    int8_accuracy = export.accuracy(int8_onnx, test_images, dataset.test_labels)
+    drop = 100 * (float_accuracy - int8_accuracy)  # percentage points
+    batch = test_images[:256]
+    speedup = {n: export.median_seconds(float_onnx, batch[:n], 30) / export.median_seconds(int8_onnx, batch[:n], 30)
+               for n in (1, len(batch))}
+    mlflow.log_metrics({"onnx_test_accuracy": float_accuracy, "int8_test_accuracy": int8_accuracy,
+                        "int8_accuracy_drop_points": drop, "int8_speedup_batch1": speedup[1],
+                        f"int8_speedup_batch{len(batch)}": speedup[len(batch)]})
+    info = mlmodel.log_onnx(quantized, C.ONNX_INT8_MODEL_NAME, test_images[:4], int8_onnx(test_images[:4]),
+                            dataset.class_names)
+    say("export", f"INT8: test accuracy {int8_accuracy:.2%} vs float {float_accuracy:.2%} (drop {drop:.2f} points); "
+                   f"speed {speedup[len(batch)]:.2f}x float at batch {len(batch)}, {speedup[1]:.2f}x at batch 1")
+    return info, drop
+
+
+def register_int8(int8_model, registered_name: str, tags: dict) -> None:
+    info, drop = int8_model
+    tag = C.TAG_REGISTERED.format(flavor="onnx_int8")
+    if drop > C.INT8_MAX_DROP_POINTS:
+        mlflow.set_tag(tag, f"not registered: drop {drop:.2f} > {C.INT8_MAX_DROP_POINTS} points")
+        say("export", f"INT8 model not registered: it loses {drop:.2f} points (limit {C.INT8_MAX_DROP_POINTS})")
+        return
+    version = registry.register(info.model_uri, registered_name,
+                                {**tags, "int8_accuracy_drop_points": f"{drop:.2f}"}, C.CANDIDATE_ALIAS)
+    mlflow.set_tag(tag, f"{registered_name}/{version.version}")
+    say("export", f"registered {registered_name} v{version.version} (loses {drop:.2f} points), "
+                   f"alias @{C.CANDIDATE_ALIAS}")
+
+
+def local_model_file(model_id: str, filename: str) -> str:
+    location = mlflow.get_logged_model(model_id).artifact_location
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    return f"{location.rstrip('/')}/{filename}"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m steps.export", description=__doc__)
-    parser.add_argument("--train-run-id", required=True)
-    parser.add_argument("--evaluate-run-id", required=True)
-    parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
-    parser.add_argument("--int8", default="true", help="also quantize to INT8 (registered if <= 1 point lost)")
-    args = parser.parse_args(argv)
-    tracking.run_step("export", step.run, **vars(args))
+    args = params.parser("export", __doc__, ("train_run_id", "evaluate_run_id", "model_name", "int8")).parse_args(argv)
+    tracking.run_step("export", run, **vars(args))
 
 
 if __name__ == "__main__":

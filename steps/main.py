@@ -1,28 +1,161 @@
-"""main: run ingest -> train -> evaluate -> export as nested MLflow runs under this (parent) run."""
+"""main: check every parameter, then run ingest -> train -> evaluate -> export as nested MLflow runs
+under this (parent) run. Needs no torch."""
 
-import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
-from cifar10_cnn import recipes, tracking
-from cifar10_cnn.pipeline import main as step
+import mlflow
+
+from cifar10_cnn import constants as C
+from cifar10_cnn import data as datalib
+from cifar10_cnn import params, recipes, tracking
+from cifar10_cnn.errors import UserError
+from cifar10_cnn.progress import say
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+NAMES = ("recipe", "device", "nproc_per_node", "tta", "data", "expected_records", "model_name", "resume_run_id",
+         "int8", "reuse")
+
+
+def run(**raw) -> None:
+    p = check_main_params(raw)
+    if not (PROJECT_DIR / "MLproject").is_file():
+        raise UserError(f"{PROJECT_DIR} has no MLproject; run main from a checkout of the project")
+    # Children run `python` from PATH (env_manager=local): make it this interpreter, whatever PATH says.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    parent = mlflow.active_run()
+    mlflow.MlflowClient().update_run(parent.info.run_id, name=run_name(p["train"]))
+    experiment_id = parent.info.experiment_id
+    commit = None
+    if p["reuse"]:
+        commit, why_not = tracking.code_version(PROJECT_DIR)
+        if commit is None:
+            say("main", f"not reusing earlier step runs: {why_not}")
+    reused: list[str] = []
+
+    def step(entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
+        parameters = {k: str(v) for k, v in parameters.items()}
+        if can_reuse and commit and (earlier := tracking.reusable(experiment_id, entry_point, parameters, commit,
+                                                                  match_tags or {})):
+            say("main", f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
+            reused.append(entry_point)
+            mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), earlier)
+            return earlier
+        say("main", f"step {entry_point} …")
+        try:
+            submitted = mlflow.projects.run(
+                str(PROJECT_DIR), entry_point, parameters=parameters,
+                env_manager="local", experiment_id=experiment_id, run_name=entry_point, synchronous=True,
+            )
+        except mlflow.exceptions.ExecutionException:
+            raise UserError(f"step {entry_point} failed; its error is printed above") from None
+        mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), submitted.run_id)
+        return submitted.run_id
+
+    data_tags = {C.TAG_SOURCE_SHA256: datalib.source_digest(p["source"])} if commit and p["source"] else None
+    if commit and data_tags is None:
+        say("main", "ingest will download the data, so it runs again (its digest is not known yet)")
+    ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
+                     can_reuse=data_tags is not None, match_tags=data_tags)
+    train_id = step("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],
+                              "nproc_per_node": p["nproc_per_node"], "resume_run_id": p["resume_run_id"]})
+    evaluate_id = step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]})
+    export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_id,
+                                "model_name": p["model_name"], "int8": p["int8"]})
+    mlflow.set_tag(C.TAG_REUSED, ",".join(reused) or "none")
+
+    metrics = mlflow.get_run(evaluate_id).data.metrics
+    mlflow.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_loss", "test_accuracy_tta") if k in metrics})
+    export_tags = mlflow.get_run(export_id).data.tags
+    text = summary(parent.info.run_id, {"ingest": ingest_id, "train": train_id, "evaluate": evaluate_id,
+                                        "export": export_id}, metrics, export_tags)
+    mlflow.set_tag("mlflow.note.content", f"```\n{text}\n```")  # the run's description in `mlflow ui`
+    print(text, flush=True)
+
+
+def check_main_params(p: dict) -> dict:
+    """Every check that needs no data and no training, so a bad parameter fails in seconds."""
+    overrides = {k: p[k] for k in recipes.FIELDS}
+    resume_run_id = str(p["resume_run_id"]).strip()
+    if resume_run_id.lower() in ("", "none"):
+        resume_run_id = "none"
+    if resume_run_id != "none":  # train adopts the killed run's parameters; those given here are checked there
+        params.run_id("resume_run_id", resume_run_id)
+        recipes.explicit(overrides)
+        train = {"recipe": params.choice("recipe", p["recipe"], tuple(recipes.RECIPES)), **overrides}
+    else:  # the resolved values, so the train run's params say what was trained (and reuse compares them)
+        train = {"recipe": p["recipe"], **asdict(recipes.resolve(p["recipe"], overrides))}
+        if train["budget_minutes"] and "epochs" in recipes.explicit(overrides):
+            raise UserError("give epochs or budget_minutes, not both: a budget picks the number of epochs itself")
+    tta = recipes.tta_level(p["tta"], train["recipe"])
+    checked = {
+        "device": params.choice("device", p["device"], params.DEVICES),
+        "model_name": params.model_name(p["model_name"]),
+        "int8": str(params.boolean("int8", p["int8"])).lower(),
+        "nproc_per_node": params.positive_int("nproc_per_node", p["nproc_per_node"]),
+        "reuse": params.boolean("reuse", p["reuse"]),
+    }
+    params.expected_records(p["expected_records"])
+    if checked["device"] in ("cuda", "mps"):  # only then is torch worth importing here
+        from cifar10_cnn.training import select_device
+
+        select_device(checked["device"])
+    source = datalib.resolve_source(p["data"], datalib.cache_dir(), fetch=False)  # None: it needs a download
+    data = str(p["data"]).strip()
+    if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
+        data = str(Path(data).expanduser().resolve())
+    return {**checked, "source": source, "train": train, "tta": tta, "resume_run_id": resume_run_id,
+            "data": data, "expected_records": str(p["expected_records"]).strip()}
+
+
+def run_name(train: dict) -> str:
+    """The parent run's name in `mlflow ui`: what was trained, instead of MLflow's random words."""
+    if train.get("model", "auto") == "auto":  # resuming: the killed run's parameters are read by train
+        return f"{train['recipe']} (resumed)"
+    length = f"{train['budget_minutes']:g} min" if train["budget_minutes"] else f"{train['epochs']} epochs"
+    return f"{train['recipe']} · {train['model']} · {length}"
+
+
+def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> str:
+    line = "=" * 80
+    client = mlflow.MlflowClient()
+    registered = []
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
+        if "/" not in value:  # INT8: off, or lost too much
+            continue
+        name, version = value.split("/")
+        aliases = client.get_model_version(name, version).aliases
+        registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
+    steps = ", ".join(f"{name} {rid}" for name, rid in run_ids.items())
+    tta = f" ({metrics['test_accuracy_tta']:.2%} with test-time augmentation)" if "test_accuracy_tta" in metrics else ""
+    return "\n".join([
+        line, "CIFAR-10 CNN pipeline finished", line,
+        f"  test accuracy : {metrics['test_accuracy']:.2%}{tta}",
+        f"  test loss     : {metrics['test_loss']:.4f}",
+        f"  ONNX model    : {export_tags.get(C.TAG_ONNX_PATH, '?')}",
+        f"  parent run    : {parent_id}",
+        f"  step runs     : {steps}",
+        f"  registered    : {', '.join(registered)}",
+        f"  look at it    : {ui_command(mlflow.get_tracking_uri(), mlflow.get_run(parent_id).info.experiment_id)}",
+        line,
+    ])
+
+
+def ui_command(tracking_uri: str, experiment_id: str) -> str:
+    """How to open this experiment's runs in the MLflow UI. MLflow 3.17's UI opens every experiment in its
+    GenAI mode (a traces overview) unless the address asks for the model-training mode."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000/{page}"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m steps.main", description=__doc__)
-    parser.add_argument("--recipe", default="seed", help=f"one of {', '.join(recipes.RECIPES)}")
-    for name in recipes.FIELDS:  # every hyperparameter; 'auto' takes the recipe's value
-        parser.add_argument(f"--{name.replace('_', '-')}", default=recipes.AUTO)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--nproc-per-node", default="1", help="training processes (torchrun, DDP)")
-    parser.add_argument("--tta", default="auto", help="test-time augmentation: false, flip, crops or auto")
-    parser.add_argument("--data", default="auto", help="auto, a URL, a .tar.gz archive or an extracted folder")
-    parser.add_argument("--expected-records", default="50000,10000", help="TRAIN,TEST record counts, or 'any'")
-    parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX gets '-onnx'")
-    parser.add_argument("--resume-run-id", default="none", help="a killed train run to continue")
-    parser.add_argument("--int8", default="true", help="also quantize to INT8 (registered if <= 1 point lost)")
-    parser.add_argument("--reuse", default="true", help="reuse FINISHED step runs with the same parameters, "
-                        "code (git commit) and data")
-    args = parser.parse_args(argv)
-    tracking.run_step("main", step.run, **vars(args))
+    args = params.parser("main", __doc__, NAMES, hyperparameters=True).parse_args(argv)
+    tracking.run_step("main", run, **vars(args))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,41 @@
-"""promote: point `champion` at a registered version (both flavors) if it is at least as good."""
+"""promote: move `champion` to a registered version when its test accuracy is at least the champion's."""
 
-import argparse
+import mlflow
 
-from cifar10_cnn import tracking
-from cifar10_cnn.pipeline import promote as step
+from cifar10_cnn import constants as C
+from cifar10_cnn import params, registry, tracking
+from cifar10_cnn.errors import UserError
+from cifar10_cnn.progress import say
+
+
+def run(version: str, model_name: str, force: str) -> None:
+    ref = params.version_ref(version)
+    name = params.model_name(model_name)
+    forced = params.boolean("force", force)
+    onnx_name = name + C.ONNX_REGISTERED_SUFFIX
+    # Read-compare-move must not interleave with another promotion, or the two flavors could end up
+    # with champions from different runs.
+    with tracking.store_lock("promote") as locked:
+        if not locked:
+            say("promote", "note: this tracking store offers no lock; run one promotion at a time")
+        decision, chosen, replaced = registry.promote(mlflow.MlflowClient(), name, ref, onnx_name, forced)
+    mlflow.set_tags({C.TAG_PROMOTION: "promoted" if decision.promote else "refused",
+                     C.TAG_PROMOTION_REASON: decision.reason, C.TAG_CANDIDATE_VERSION: chosen})
+    if not decision.promote:
+        if decision.noop:
+            say("promote", f"{name} v{chosen} is already the champion; nothing changed")
+            return
+        raise UserError(f"not promoting {name} v{chosen}: {decision.reason}; aliases unchanged "
+                        "(use -P force=true to override)")
+    say("promote", f"{name} v{chosen} and its ONNX twin are now @{registry.CHAMPION} ({decision.reason})")
+    if replaced:
+        say("promote", f"v{replaced} is now @{registry.PREVIOUS}; roll back with "
+                       f"`mlflow run . -e promote -P version={registry.PREVIOUS} -P force=true`")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m steps.promote", description=__doc__)
-    parser.add_argument("--version", default="candidate", help="a version number or an alias (candidate, previous)")
-    parser.add_argument("--model-name", default="cifar10-cnn", help="registered name; ONNX is '<name>-onnx'")
-    parser.add_argument("--force", default="false", help="promote even if the test accuracy is lower")
-    args = parser.parse_args(argv)
-    tracking.run_step("promote", step.run, **vars(args))
+    args = params.parser("promote", __doc__, ("version", "model_name", "force")).parse_args(argv)
+    tracking.run_step("promote", run, **vars(args))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
-def mlflow_run(*params: str, timeout=600) -> subprocess.CompletedProcess:
+EXPERIMENT = "cifar10-cnn"  # as `make run` names it
+
+
+def mlflow_run(*params: str, timeout=600, experiment: str | None = None) -> subprocess.CompletedProcess:
     args = [MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local"]
+    if experiment:
+        args += ["--experiment-name", experiment]
     for p in params:
         args += ["-P", p]
     return subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=timeout)
@@ -43,7 +48,8 @@ def parents() -> list:
 def store(tmp_path_factory, archive):
     with pytest.MonkeyPatch.context() as mp:
         isolate(tmp_path_factory.mktemp("e2e"), mp)
-        done = mlflow_run("epochs=2", f"data={archive}", "expected_records=any", "model_name=e2e")
+        done = mlflow_run("epochs=2", f"data={archive}", "expected_records=any", "model_name=e2e",
+                          experiment=EXPERIMENT)
         assert done.returncode == 0, done.stderr[-3000:]
         yield done
 
@@ -60,6 +66,11 @@ def test_one_parent_with_four_nested_steps(store):
     assert steps["evaluate"].data.params["train_run_id"] == steps["train"].info.run_id
     assert steps["export"].data.params["evaluate_run_id"] == steps["evaluate"].info.run_id
     assert parent.data.metrics["test_accuracy"] == steps["evaluate"].data.metrics["test_accuracy"]
+    # A name that says what was trained, in the named experiment, which the UI opens on its runs table
+    assert parent.info.run_name == "seed · simple_cnn · 2 epochs"
+    experiment = MlflowClient().get_experiment(parent.info.experiment_id)
+    assert experiment.name == EXPERIMENT
+    assert experiment.tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND == "custom_model_development"
 
 
 def test_both_flavors_registered_with_the_alias(store):
@@ -82,6 +93,7 @@ def test_summary_names_accuracy_runs_and_versions(store):
     assert f"test accuracy : {acc:.2%}" in out
     assert "e2e v1 (@candidate), e2e-onnx v1 (@candidate)" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert f"open http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in out
     assert out.split("=" * 80)[2].strip() in parent.data.tags["mlflow.note.content"]  # the run's description
     onnx_path = out.split("ONNX model    : ")[1].split()[0]
     assert Path(onnx_path).is_file() and onnx_path.endswith(".onnx")
@@ -122,6 +134,18 @@ def test_promote_entry_point_moves_champion_on_both_flavors(store):
     onnx_v = client.get_model_version_by_alias("e2e-onnx", "champion")
     assert pt.tags["train_run_id"] == onnx_v.tags["train_run_id"]
     assert pt.tags["promotion"].startswith("promoted: no champion yet")
+
+
+def test_an_experiment_that_has_a_kind_keeps_it(store, archive):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("genai-already", tags={C.EXPERIMENT_KIND_TAG: "genai_development"})
+    done = mlflow_run("epochs=abc", experiment="genai-already")  # fails in main, after its run started
+    assert done.returncode != 0
+    assert client.get_experiment(experiment_id).tags[C.EXPERIMENT_KIND_TAG] == "genai_development"
+    default = client.get_experiment_by_name("Default")  # where a run without --experiment-name lands
+    done = mlflow_run("epochs=abc")
+    assert client.get_experiment(default.experiment_id).tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND
+
 
 
 # --- the MLflow UI in a real browser -----------------------------------------------------------------
@@ -169,9 +193,23 @@ def visible_text(dom: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
 
+NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
+                                    "`make test-browser` installs it and runs this test")
+
+
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
-                    "`make test-browser` installs it and runs this test")
+@NEEDS_CHROMIUM
+def test_mlflow_ui_opens_the_experiment_on_its_runs_table(store, ui, tmp_path):
+    (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
+    SCREENSHOTS.mkdir(exist_ok=True)
+    printed = store.stdout.split("then open http://127.0.0.1:5000/")[1].split()[0]  # the address main printed
+    page = visible_text(browse(f"{ui}/{printed}", tmp_path, SCREENSHOTS / "mlflow-ui-experiment.png"))
+    assert parent.info.run_name in page, page[:2000]  # the runs table lists the parent run by its name
+    assert "No data available" not in page and "Token Usage" not in page  # not the GenAI traces overview
+
+
+@pytest.mark.browser
+@NEEDS_CHROMIUM
 def test_mlflow_ui_shows_nested_steps_metrics_and_images(ui, tmp_path):
     (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
     steps = children(parent.info.run_id)

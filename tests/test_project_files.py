@@ -45,6 +45,21 @@ def test_each_command_parses_with_its_step_script(entry, monkeypatch):
     module.main(argv[3:])
     assert seen.pop("step") == entry
     assert seen == values  # every MLproject parameter reaches the step under its own name
+    # ... and the step, called with only the required ones, defaults the others as MLproject does
+    seen.clear()
+    required = [a for k, v in values.items() if v == "0" * 32 for a in (f"--{k.replace('_', '-')}", v)]
+    module.main(required)
+    seen.pop("step")
+    assert seen == values
+
+
+def test_main_and_train_declare_their_shared_parameters_once():
+    text = (PROJECT_DIR / "MLproject").read_text()
+    assert text.count("learning_rate: {type") == 1 and text.count("nproc_per_node: {type") == 1
+    main, train = (MLPROJECT["entry_points"][e]["parameters"] for e in ("main", "train"))
+    shared = set(main) & set(train)
+    assert {"learning_rate", "recipe", "device", "nproc_per_node", "resume_run_id"} <= shared
+    assert all(main[k] == train[k] for k in shared)
 
 
 def test_kubernetes_project_runs_the_same_main_as_mlproject():

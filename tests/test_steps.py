@@ -142,7 +142,8 @@ def test_export_registers_both_flavors_matched_and_aliased(chain):
         assert table["class_index"].tolist() == expected.argmax(1).tolist()
         assert table["class"].tolist() == [C.CLASS_NAMES[i] for i in expected.argmax(1)]
         assert np.allclose(table["probability"], expected.max(1), atol=1e-5)
-    assert json.loads(json.dumps(run.data.tags))["cifar10.registered.onnx"] == f"tiny-onnx/{onnx_v.version}"
+    assert run.data.tags[C.TAG_REGISTERED.format(flavor="onnx")] == f"tiny-onnx/{onnx_v.version}"
+    assert run.data.tags[C.TAG_REGISTERED.format(flavor="pytorch")] == f"tiny/{pt.version}"
 
 
 PORTABLE = """
@@ -344,7 +345,7 @@ def test_main_rejects_cuda_without_a_gpu(store, capsys):
 
 
 def test_code_version_is_a_clean_git_commit(tmp_path):
-    from cifar10_cnn.pipeline.main import code_version
+    from cifar10_cnn.tracking import code_version
 
     assert code_version(tmp_path) == (None, f"{tmp_path} is not a git checkout")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
@@ -360,7 +361,7 @@ def test_code_version_is_a_clean_git_commit(tmp_path):
 
 
 def test_main_parameters_resolve_the_recipe(store):
-    from cifar10_cnn.pipeline.main import check_main_params
+    from steps.main import check_main_params
 
     raw = {k: "auto" for k in (*recipes.FIELDS, "tta")}
     raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
@@ -431,7 +432,7 @@ def test_payload_is_a_request_the_server_would_take(chain, tmp_path, capsys):
 
 
 def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
-    from cifar10_cnn.pipeline import export as export_step
+    from steps import export as export_step
 
     client = MlflowClient()
     logged = client.get_run(chain["export"]).data.tags[C.TAG_ONNX_MODEL_URI]

@@ -49,8 +49,14 @@ def test_training_learns_and_reports_each_epoch():
 
 def test_partial_last_batch_is_used():
     images, labels = data(n=50)
-    _, history = fit(training.TrainConfig(epochs=1, batch_size=32), images, labels)
-    assert history[0].images_per_s > 0 and 0 <= history[0].accuracy <= 1
+    config, _ = hardware.decide(training.TrainConfig(epochs=1, batch_size=32), NO_BF16_CPU)
+    training.seed_everything(config.seed)
+    saved = []
+    history = training.train(models.build(config.model), images, labels, config, torch.device("cpu"),
+                             on_checkpoint=saved.append)
+    steps = {int(s["step"]) for s in saved[0]["optimizer"]["state"].values()}
+    assert steps == {2}  # 32 images, then the other 18: two Adam steps, not one
+    assert history[0].accuracy * 50 == pytest.approx(round(history[0].accuracy * 50))  # counted over all 50
 
 
 def test_divergence_stops_training_with_a_message():
@@ -74,12 +80,18 @@ def test_checkpoint_rebuilds_the_same_network():
         training.rebuild({**ckpt, "format": 0})
 
 
-def test_device_selection():
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_selection(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert training.select_device("auto") == torch.device(expected)  # CUDA, then MPS, then the CPU
     assert training.select_device("cpu") == torch.device("cpu")
-    assert training.select_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
+    if not cuda:
         with pytest.raises(UserError, match="device 'cuda' was requested but torch sees no CUDA GPU"):
             training.select_device("cuda")
+    if not mps:
+        with pytest.raises(UserError, match="device 'mps' was requested but the Apple MPS backend"):
+            training.select_device("mps")
 
 
 def test_our_adam_is_bit_for_bit_the_seeds_default_adam():

@@ -1,0 +1,77 @@
+"""Checkpoints in the tracking store: one per epoch while training (resumable), the final one for the
+steps after train. The file format itself is training.checkpoint / training.rebuild."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+
+from . import constants as C
+from . import params, tracking, training
+from .errors import UserError
+from .progress import say
+
+
+def log_epoch_checkpoint(state: dict) -> None:
+    """One file per epoch, never overwritten: a kill during an upload spoils at most the newest one."""
+    epoch = len(state["history"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / C.EPOCH_CHECKPOINT.format(epoch=epoch)
+        torch.save(state, path)
+        mlflow.log_artifact(str(path), C.EPOCH_CHECKPOINT_DIR)
+    mlflow.set_tag(C.TAG_LAST_CHECKPOINT, str(epoch))
+
+
+def log_final(state: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(C.CHECKPOINT_PATH).name
+        torch.save(state, path)
+        mlflow.log_artifact(str(path), str(Path(C.CHECKPOINT_PATH).parent))
+
+
+def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
+    """The newest readable epoch checkpoint of a train run that did not finish, on the same data."""
+    resume_run_id = params.run_id("resume_run_id", resume_run_id)
+    try:
+        old = mlflow.get_run(resume_run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"resume_run_id {resume_run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    if old.data.tags.get(C.TAG_STEP) != "train":
+        raise UserError(f"resume_run_id {resume_run_id} is not a train run")
+    if old.info.status == "FINISHED":
+        raise UserError(f"resume_run_id {resume_run_id} FINISHED already; nothing to resume")
+    digest = mlflow.get_run(ingest_run_id).data.tags.get(C.TAG_SHA256)
+    if old.data.tags.get(C.TAG_SHA256) != digest:
+        raise UserError(f"resume_run_id {resume_run_id} trained on other data (sha256 "
+                        f"{old.data.tags.get(C.TAG_SHA256, '?')[:12]}…, now {str(digest)[:12]}…)")
+    client = mlflow.MlflowClient()
+    if old.info.status == "RUNNING":  # its process was killed outright (SIGKILL, power cut): end it for it
+        client.set_tag(resume_run_id, C.TAG_RESUMED_BY, mlflow.active_run().info.run_id)
+        client.set_terminated(resume_run_id, "KILLED")
+    names = [f.path for f in client.list_artifacts(resume_run_id, C.EPOCH_CHECKPOINT_DIR)]
+    for name in sorted(names, reverse=True):  # zero-padded epoch numbers: newest first
+        try:
+            state = torch.load(tracking.artifact(resume_run_id, name), map_location="cpu", weights_only=True)
+            if state.get("format") != training.CHECKPOINT_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}")
+        except Exception as exc:  # e.g. a file cut short by the kill: fall back to the epoch before
+            say("train", f"skipping unusable checkpoint {name} of run {resume_run_id}: {exc}")
+            continue
+        return state
+    raise UserError(f"resume_run_id {resume_run_id} has no usable epoch checkpoint under {C.EPOCH_CHECKPOINT_DIR}/; "
+                    "start a new run")
+
+
+def trained(train_run_id: str):
+    """The train run, its network rebuilt from the final checkpoint (eval mode, CPU), and its config."""
+    run = tracking.upstream(train_run_id, "train")
+    path = tracking.artifact(train_run_id, C.CHECKPOINT_PATH)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint of train run {train_run_id} is unreadable ({path}): {exc}") from None
+    net, config = training.rebuild(ckpt)
+    return run, net, config
