@@ -14,7 +14,6 @@ after each epoch is not counted. Per run: when the target accuracy was first rea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import tempfile
@@ -70,11 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, default=85.0, help="test accuracy in percent")
     parser.add_argument("--tta", default="auto", help="false, flip or crops (auto: the recipe's)")
     parser.add_argument("--budget-minutes", type=float, help="train with this time budget instead of epochs")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a hyperparameter of the recipe, as -P does (repeatable)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = training.select_device(args.device)
-    config = recipes.RECIPES[args.recipe]
+    config = recipes.resolve(args.recipe, dict(item.split("=", 1) for item in args.set))
     if args.epochs:
         config = replace(config, epochs=args.epochs, warmup_epochs=min(config.warmup_epochs, args.epochs))
     if args.budget_minutes:
@@ -90,9 +91,7 @@ def main(argv=None) -> int:
         else:
             cache = Path(os.environ.get(C.CACHE_DIR_ENV, C.DEFAULT_CACHE_DIR))
             ds = datalib.read(datalib.resolve_source(args.data, cache))
-    cpu = hardware.cpu_capabilities()
-    print(f"date {datetime.date.today()}; machine: {hardware.describe(cpu)}, {os.cpu_count()} cores; device "
-          f"{hardware.describe(caps) if caps.device != 'cpu' else 'the CPU'}; torch {torch.__version__}")
+    print(f"{hardware.machine_line()}; device {hardware.describe(caps) if caps.device != 'cpu' else 'the CPU'}")
     print(f"precision {config.precision}, channels_last {config.channels_last}" +
           "".join(f"; {k}: {v}" for k, v in why.items()))
     print(f"recipe {args.recipe}: {asdict(config)}; test-time augmentation: {tta}")

@@ -74,6 +74,15 @@ def describe(caps: Capabilities) -> str:
     return text + (f", {torch.get_num_threads()} threads" if caps.device == "cpu" else "")
 
 
+def machine_line() -> str:
+    """Today's date, the CPU with the features that decide precision, cores and torch: a benchmark's first line."""
+    import datetime
+    import os
+
+    return (f"date {datetime.date.today()}; machine: {describe(cpu_capabilities())}, {os.cpu_count()} cores; "
+            f"torch {torch.__version__}")
+
+
 def decide(config: TrainConfig, caps: Capabilities) -> tuple[TrainConfig, dict[str, str]]:
     """`config` with HARDWARE precision and channels_last replaced for this device, and why, per field.
 

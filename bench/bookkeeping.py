@@ -1,0 +1,78 @@
+"""Bookkeeping: where the time of a whole `mlflow run` goes besides the training epochs.
+
+    python -m bench.bookkeeping --data PATH                      # this checkout, the seed recipe
+    python -m bench.bookkeeping --data PATH --project ../old     # another checkout, e.g. an older commit
+    python -m bench.bookkeeping --data PATH --runs 3             # median of 3 whole runs
+
+Each run is `mlflow run PROJECT --env-manager local` in a fresh tracking store, timed from outside;
+the steps' times come from the runs' own start and end times, the epochs from the train run's
+`epoch_seconds`. "CLI and main" is the wall time no step run covers: `mlflow run` starting, and main
+before, between and after its steps. Prints numbers, asserts nothing; compare checkouts on one machine,
+in one session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+
+from cifar10_cnn.hardware import machine_line
+
+ROOT = Path(__file__).resolve().parents[1]
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+ROWS = ("whole run, wall", "training epochs", "everything but the epochs", "ingest", "train outside its epochs",
+        "evaluate", "export", "`mlflow run` CLI and main")
+
+
+def one_run(project: Path, data: str, workdir: Path, extra: list[str]) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "CIFAR10_DATA_DIR": str(workdir / "data"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    args = [MLFLOW, "run", str(project), "--env-manager", "local", "-P", f"data={data}", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"mlflow run failed:\n{done.stderr[-3000:]}")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = {r.data.tags.get("mlflow.project.entryPoint"): r
+            for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    seconds = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in runs.items()}
+    epochs = sum(m.value for m in mlflow.MlflowClient().get_metric_history(runs["train"].info.run_id,
+                                                                           "epoch_seconds"))
+    steps = sum(seconds[s] for s in ("ingest", "train", "evaluate", "export"))
+    return dict(zip(ROWS, (wall, epochs, wall - epochs, seconds["ingest"], seconds["train"] - epochs,
+                           seconds["evaluate"], seconds["export"], wall - steps), strict=True))
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench.bookkeeping", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="archive or folder, as the data parameter")
+    parser.add_argument("--project", default=str(ROOT), help="the checkout to run (default: this one)")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("-P", dest="params", action="append", default=[], help="more -P name=value for mlflow run")
+    args = parser.parse_args(argv)
+    print(machine_line(), flush=True)
+    extra = [a for p in args.params for a in ("-P", p)]
+    results = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(one_run(Path(args.project).resolve(), str(Path(args.data).resolve()), Path(tmp), extra))
+        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in results[-1].items()), flush=True)
+    print(f"\n{args.project} (median of {len(results)})\n| | seconds |\n|---|---|")
+    for row in ROWS:
+        print(f"| {row} | {statistics.median(r[row] for r in results):.1f} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
