@@ -6,22 +6,32 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+def mosaic(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarray:
+    """uint8 NCHW images laid out row by row into one white-gapped HWC picture (missing cells stay white):
+    one imshow instead of a subplot per image, which costs matplotlib about a second for 80 images."""
+    _, c, h, w = images.shape
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, dtype=np.uint8)
+    for k, image in enumerate(images[: rows * cols]):
+        r, col = divmod(k, cols)
+        out[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = image.transpose(1, 2, 0)
+    return out
+
+
 def sample_grid(images: np.ndarray, labels: np.ndarray, class_names, per_class: int = 8) -> Figure:
     """One row per class, the first `per_class` images of each; images uint8 NCHW."""
     n_classes = len(class_names)
-    fig = Figure(figsize=(per_class * 0.9 + 1.6, n_classes * 0.9), dpi=100)
-    axes = fig.subplots(n_classes, per_class, squeeze=False)
-    for c, name in enumerate(class_names):
+    cells = np.full((n_classes * per_class, *images.shape[1:]), 255, dtype=np.uint8)
+    for c in range(n_classes):
         idx = np.flatnonzero(labels == c)[:per_class]
-        for j in range(per_class):
-            ax = axes[c, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_frame_on(False)
-            if j < len(idx):
-                ax.imshow(images[idx[j]].transpose(1, 2, 0), interpolation="nearest")
-        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.subplots_adjust(left=0.15, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
+        cells[c * per_class : c * per_class + len(idx)] = images[idx]
+    fig = Figure(figsize=(per_class * 0.9 + 1.6, n_classes * 0.9), dpi=100)
+    ax = fig.add_axes((0.15, 0.01, 0.84, 0.98))
+    ax.imshow(mosaic(cells, n_classes, per_class), interpolation="nearest")
+    ax.set_xticks([])
+    h = images.shape[2] + 2  # a cell and its gap
+    ax.set_yticks([c * h + h // 2 - 1 for c in range(n_classes)], list(class_names), fontsize=9)
+    ax.tick_params(length=0)
+    ax.set_frame_on(False)
     return fig
 
 
