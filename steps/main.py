@@ -114,7 +114,8 @@ def run_name(train: dict) -> str:
     """The parent run's name in `mlflow ui`: what was trained, instead of MLflow's random words."""
     if train.get("model", "auto") == "auto":  # resuming: the killed run's parameters are read by train
         return f"{train['recipe']} (resumed)"
-    length = f"{train['budget_minutes']:g} min" if train["budget_minutes"] else f"{train['epochs']} epochs"
+    epochs = f"{train['epochs']} epoch{'s' if train['epochs'] != 1 else ''}"
+    length = f"{train['budget_minutes']:g} min" if train["budget_minutes"] else epochs
     return f"{train['recipe']} · {train['model']} · {length}"
 
 

@@ -484,3 +484,14 @@ def test_every_model_goes_through_train_evaluate_export_unchanged(chain, model, 
     images = synthetic.images_for(np.arange(3) % 10, np.random.default_rng(6)).transpose(0, 2, 3, 1).copy()
     table = mlflow.pyfunc.load_model(f"models:/{name}-onnx@{C.CANDIDATE_ALIAS}").predict(images)
     assert table["class"].isin(C.CLASS_NAMES).all()
+
+
+def test_parent_runs_are_named_after_what_they_train():
+    from steps.main import run_name
+
+    assert run_name({"recipe": "seed", "model": "simple_cnn", "epochs": 5, "budget_minutes": 0.0}) == \
+        "seed · simple_cnn · 5 epochs"
+    assert run_name({"recipe": "seed", "model": "vgg11", "epochs": 1, "budget_minutes": 0.0}) == "seed · vgg11 · 1 epoch"
+    assert run_name({"recipe": "fast", "model": "airnet", "epochs": 10, "budget_minutes": 7.5}) == \
+        "fast · airnet · 7.5 min"
+    assert run_name({"recipe": "fast", "model": "auto"}) == "fast (resumed)"  # train reads the killed run's
