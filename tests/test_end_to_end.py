@@ -123,6 +123,9 @@ def test_bad_parameter_fails_before_any_step(store):
     parent = parents()[-1]
     assert parent.info.status == "FAILED" and children(parent.info.run_id) == {}
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == n_runs + 1
+    # without --experiment-name it lands in Default, which gets the kind too (before the parameter check)
+    default = MlflowClient().get_experiment(parent.info.experiment_id)
+    assert default.name == "Default" and default.tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND
 
 
 def test_promote_entry_point_moves_champion_on_both_flavors(store):
@@ -134,18 +137,6 @@ def test_promote_entry_point_moves_champion_on_both_flavors(store):
     onnx_v = client.get_model_version_by_alias("e2e-onnx", "champion")
     assert pt.tags["train_run_id"] == onnx_v.tags["train_run_id"]
     assert pt.tags["promotion"].startswith("promoted: no champion yet")
-
-
-def test_an_experiment_that_has_a_kind_keeps_it(store, archive):
-    client = MlflowClient()
-    experiment_id = client.create_experiment("genai-already", tags={C.EXPERIMENT_KIND_TAG: "genai_development"})
-    done = mlflow_run("epochs=abc", experiment="genai-already")  # fails in main, after its run started
-    assert done.returncode != 0
-    assert client.get_experiment(experiment_id).tags[C.EXPERIMENT_KIND_TAG] == "genai_development"
-    default = client.get_experiment_by_name("Default")  # where a run without --experiment-name lands
-    done = mlflow_run("epochs=abc")
-    assert client.get_experiment(default.experiment_id).tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND
-
 
 
 # --- the MLflow UI in a real browser -----------------------------------------------------------------

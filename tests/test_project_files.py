@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import shlex
 import tomllib
 
@@ -91,3 +92,15 @@ def test_image_installs_the_project_and_compose_serves_artifacts_from_postgresql
     server = compose["services"]["mlflow"]["command"]
     assert "--backend-store-uri postgresql://" in server and "--serve-artifacts" in server
     assert "--serve-artifacts" in (PROJECT_DIR / ".ci/team_server.sh").read_text()
+
+
+def test_readme_is_short_and_its_links_lead_somewhere():
+    readme = (PROJECT_DIR / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150  # the reference lives in docs/
+    links = re.findall(r"\]\(((?!https?://)[^)#]+)", readme)
+    assert {"docs/pipeline.md", "docs/reliability.md", "docs/performance.md"} <= set(links)
+    for link in links:
+        assert (PROJECT_DIR / link).is_file(), link
+    for page in (PROJECT_DIR / "docs").glob("*.md"):  # and the docs' links to each other
+        for link in re.findall(r"\]\(((?!https?://)[^)#]+)", page.read_text()):
+            assert (page.parent / link).is_file() or (PROJECT_DIR / link).is_file(), f"{page.name}: {link}"

@@ -491,7 +491,20 @@ def test_parent_runs_are_named_after_what_they_train():
 
     assert run_name({"recipe": "seed", "model": "simple_cnn", "epochs": 5, "budget_minutes": 0.0}) == \
         "seed · simple_cnn · 5 epochs"
-    assert run_name({"recipe": "seed", "model": "vgg11", "epochs": 1, "budget_minutes": 0.0}) == "seed · vgg11 · 1 epoch"
+    assert run_name({"recipe": "seed", "model": "vgg11", "epochs": 1, "budget_minutes": 0.0}) == \
+        "seed · vgg11 · 1 epoch"
     assert run_name({"recipe": "fast", "model": "airnet", "epochs": 10, "budget_minutes": 7.5}) == \
         "fast · airnet · 7.5 min"
     assert run_name({"recipe": "fast", "model": "auto"}) == "fast (resumed)"  # train reads the killed run's
+
+
+def test_a_step_tags_its_experiment_kind_unless_it_has_one(store, capsys):
+    client = MlflowClient()
+    genai = client.create_experiment("genai-already", tags={C.EXPERIMENT_KIND_TAG: "genai_development"})
+    plain = client.create_experiment("plain")
+    for experiment_id in (genai, plain):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+            fails(main, ["--epochs", "abc"], capsys, "epochs must be a whole number >= 1, got 'abc'")
+    assert client.get_experiment(genai).tags[C.EXPERIMENT_KIND_TAG] == "genai_development"  # kept
+    assert client.get_experiment(plain).tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND == "custom_model_development"

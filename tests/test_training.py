@@ -57,6 +57,7 @@ def test_partial_last_batch_is_used():
     steps = {int(s["step"]) for s in saved[0]["optimizer"]["state"].values()}
     assert steps == {2}  # 32 images, then the other 18: two Adam steps, not one
     assert history[0].accuracy * 50 == pytest.approx(round(history[0].accuracy * 50))  # counted over all 50
+    assert history[0].images_per_s > 0 and 0 <= history[0].accuracy <= 1
 
 
 def test_divergence_stops_training_with_a_message():
