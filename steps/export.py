@@ -4,7 +4,7 @@ and an INT8 ONNX model when it loses at most a point."""
 import mlflow
 import torch
 
-from cifar10_cnn import checkpoints, export, mlmodel, models, params, registry, tracking
+from cifar10_cnn import checkpoints, evaluation, export, hardware, mlmodel, models, params, registry, tracking
 from cifar10_cnn import constants as C
 from cifar10_cnn.data import nhwc
 from cifar10_cnn.errors import CheckFailed, UserError
@@ -82,39 +82,55 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     if int8_model is not None:
         register_int8(int8_model, onnx_name + C.INT8_REGISTERED_SUFFIX,
                       {**tags, "flavor": "onnx-int8", "pytorch_version": pt_version.version,
-                       "onnx_version": onnx_version.version})
+                       "onnx_version": onnx_version.version}, facts)
 
 
 def quantize(proto, dataset, test_images, float_accuracy: float):
-    """INT8 model, logged with its accuracy drop and speed-up. Returns its ModelInfo and accuracy drop."""
+    """INT8 model, logged with its accuracy drop and speed-up. Returns its ModelInfo and what was measured."""
     calibration = nhwc(dataset.train_images[: C.INT8_CALIBRATION_IMAGES])
     quantized = export.quantize_int8(proto, calibration)
     float_onnx = export.onnx_predictor(export.session(proto))
     int8_onnx = export.onnx_predictor(export.session(quantized))
-    int8_accuracy = export.accuracy(export.outputs(int8_onnx, test_images), dataset.test_labels)
-    drop = 100 * (float_accuracy - int8_accuracy)  # percentage points
+    scored = evaluation.evaluate(torch.from_numpy(export.outputs(int8_onnx, test_images)),
+                                 torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
+    drop = 100 * (float_accuracy - scored.accuracy)  # percentage points
     batch = test_images[:256]
     speedup = {n: export.median_seconds(float_onnx, batch[:n], reps) / export.median_seconds(int8_onnx, batch[:n], reps)
                for n, reps in ((1, 30), (len(batch), 10))}
-    mlflow.log_metrics({"onnx_test_accuracy": float_accuracy, "int8_test_accuracy": int8_accuracy,
+    mlflow.log_metrics({"onnx_test_accuracy": float_accuracy, "int8_test_accuracy": scored.accuracy,
                         "int8_accuracy_drop_points": drop, "int8_speedup_batch1": speedup[1],
                         f"int8_speedup_batch{len(batch)}": speedup[len(batch)]})
     info = mlmodel.log_onnx(quantized, C.ONNX_INT8_MODEL_NAME, test_images[:4], int8_onnx(test_images[:4]),
                             dataset.class_names)
-    say("export", f"INT8: test accuracy {int8_accuracy:.2%} vs float {float_accuracy:.2%} (drop {drop:.2f} points); "
-                   f"speed {speedup[len(batch)]:.2f}x float at batch {len(batch)}, {speedup[1]:.2f}x at batch 1")
-    return info, drop
+    say("export", f"INT8: test accuracy {scored.accuracy:.2%} vs float {float_accuracy:.2%} (drop {drop:.2f} "
+                   f"points); speed {speedup[len(batch)]:.2f}x float at batch {len(batch)}, "
+                   f"{speedup[1]:.2f}x at batch 1")
+    measured = {"accuracy": scored.accuracy, "loss": scored.loss,
+                "per_class": dict(zip(dataset.class_names, scored.per_class_accuracy, strict=True)),
+                "quantized": {"calibration_images": len(calibration), "machine": hardware.describe(
+                    hardware.cpu_capabilities()), "float_accuracy": float_accuracy, "drop_points": drop,
+                              "speedup_batch1": speedup[1], "speedup_batch256": speedup[len(batch)]}}
+    return info, measured
 
 
-def register_int8(int8_model, registered_name: str, tags: dict) -> None:
-    info, drop = int8_model
+def register_int8(int8_model, registered_name: str, tags: dict, facts: dict) -> None:
+    """Register the INT8 model if it loses at most INT8_MAX_DROP_POINTS, with its own accuracy and card."""
+    info, measured = int8_model
+    drop = measured["quantized"]["drop_points"]
     tag = C.TAG_REGISTERED.format(flavor="onnx_int8")
     if drop > C.INT8_MAX_DROP_POINTS:
         mlflow.set_tag(tag, f"not registered: drop {drop:.2f} > {C.INT8_MAX_DROP_POINTS} points")
         say("export", f"INT8 model not registered: it loses {drop:.2f} points (limit {C.INT8_MAX_DROP_POINTS})")
         return
+    # Its own figures: the version's test_accuracy is the INT8 model's, the float model's stays beside it.
     version = registry.register(info.model_uri, registered_name,
-                                {**tags, "int8_accuracy_drop_points": f"{drop:.2f}"}, C.CANDIDATE_ALIAS)
+                                {**tags, "test_accuracy": f"{measured['accuracy']:.4f}",
+                                 "float_test_accuracy": tags["test_accuracy"],
+                                 "int8_accuracy_drop_points": f"{drop:.2f}"}, C.CANDIDATE_ALIAS)
+    card = registry.model_card(name=registered_name, version=str(version.version), flavor="onnx-int8",
+                               **{**facts, "test_accuracy": measured["accuracy"], "test_loss": measured["loss"],
+                                  "per_class": measured["per_class"], "quantized": measured["quantized"]})
+    mlflow.MlflowClient().update_model_version(registered_name, version.version, description=card)
     mlflow.set_tag(tag, f"{registered_name}/{version.version}")
     say("export", f"registered {registered_name} v{version.version} (loses {drop:.2f} points), "
                    f"alias @{C.CANDIDATE_ALIAS}")

@@ -437,7 +437,8 @@ def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
     client = MlflowClient()
     logged = client.get_run(chain["export"]).data.tags[C.TAG_ONNX_MODEL_URI]
     with mlflow.start_run() as run:
-        export_step.register_int8((mlflow.models.get_model_info(logged), 1.5), "tiny-onnx-lossy", {})
+        export_step.register_int8((mlflow.models.get_model_info(logged), {"quantized": {"drop_points": 1.5}}),
+                                  "tiny-onnx-lossy", {}, {})
     assert client.search_registered_models("name = 'tiny-onnx-lossy'") == []
     tag = client.get_run(run.info.run_id).data.tags["cifar10.registered.onnx_int8"]
     assert tag == "not registered: drop 1.50 > 1.0 points"
@@ -445,6 +446,27 @@ def test_an_int8_model_that_loses_more_than_a_point_is_not_registered(chain):
     assert float(int8.tags["int8_accuracy_drop_points"]) <= C.INT8_MAX_DROP_POINTS
     export_run = client.get_run(chain["export"])
     assert {"int8_test_accuracy", "int8_accuracy_drop_points", "int8_speedup_batch1"} <= set(export_run.data.metrics)
+
+
+def test_every_registered_version_describes_its_own_model(chain):
+    """The INT8 version's accuracy tag and card are the INT8 model's, not the float model's it came from."""
+    client = MlflowClient()
+    metrics = client.get_run(chain["export"]).data.metrics
+    evaluated = client.get_run(chain["evaluate"]).data.metrics["test_accuracy"]
+    versions = {name: client.get_model_version_by_alias(name, C.CANDIDATE_ALIAS)
+                for name in ("tiny", "tiny-onnx", "tiny-onnx-int8")}
+    own = {"tiny": evaluated, "tiny-onnx": metrics["onnx_test_accuracy"],  # equal: no prediction differs
+           "tiny-onnx-int8": metrics["int8_test_accuracy"]}
+    for name, version in versions.items():
+        assert float(version.tags["test_accuracy"]) == pytest.approx(own[name], abs=1e-4), name
+        card = client.get_model_version(name, version.version).description
+        assert f"models:/{name}/{version.version}" in card
+        assert f"Test accuracy {100 * own[name]:.2f} %" in card, name
+    int8 = versions["tiny-onnx-int8"]
+    assert float(int8.tags["float_test_accuracy"]) == pytest.approx(evaluated, abs=1e-4)
+    card = client.get_model_version("tiny-onnx-int8", int8.version).description
+    assert "onnx-int8 flavor" in card and f"float model's {100 * metrics['onnx_test_accuracy']:.2f} %" in card
+    assert "measured with ONNX Runtime on cpu " in card  # the CPU it was measured on
 
 
 @pytest.mark.slow
