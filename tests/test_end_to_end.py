@@ -192,9 +192,8 @@ NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 @NEEDS_CHROMIUM
 def test_mlflow_ui_opens_the_experiment_on_its_runs_table(store, ui, tmp_path):
     (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
-    SCREENSHOTS.mkdir(exist_ok=True)
     printed = store.stdout.split("then open http://127.0.0.1:5000/")[1].split()[0]  # the address main printed
-    page = visible_text(browse(f"{ui}/{printed}", tmp_path, SCREENSHOTS / "mlflow-ui-experiment.png"))
+    page = visible_text(browse(f"{ui}/{printed}", tmp_path))  # no screenshot: each is one more Chromium start
     assert parent.info.run_name in page, page[:2000]  # the runs table lists the parent run by its name
     assert "No data available" not in page and "Token Usage" not in page  # not the GenAI traces overview
 
