@@ -74,3 +74,15 @@ def test_parity_tolerance_grows_with_the_logits():
     assert large.ok and large.tolerance == pytest.approx(0.4)
     assert not export.Parity(images=5, max_abs_diff=0.5, argmax_mismatches=0, max_abs_logit=400.0).ok
     assert not export.Parity(images=5, max_abs_diff=0.0, argmax_mismatches=1, max_abs_logit=1.0).ok
+
+
+def test_int8_weights_use_seven_bits_and_calibration_is_deterministic(exported):
+    """7-bit weights (reduce_range): x86 CPUs without VNNI saturate u8 x s8 products at 8 bits."""
+    _, proto = exported
+    calibration = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    quantized = export.quantize_int8(proto, calibration)
+    weights = [onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_quantized")]
+    assert len(weights) == 5 and all(np.abs(w.astype(int)).max() == 64 for w in weights)  # 8 bits would reach 127
+    again = export.quantize_int8(proto, calibration)
+    assert again.SerializeToString() == quantized.SerializeToString()  # the same images give the same model
