@@ -60,7 +60,7 @@ def model_card(
         (f"* ONNX parity: max |logit difference| {onnx_max_abs_diff:.1e} over {parity_images:,} test images, "
          f"{onnx_mismatches} differing predictions." if quantized is None else
          f"* INT8: quantized from the float ONNX model (ONNX Runtime static quantization, QDQ, per-channel "
-         f"weights, calibrated on {quantized['calibration_images']:,} training images). Accuracy and speed "
+         f"7-bit weights, calibrated on {quantized['calibration_images']:,} training images). Accuracy and speed "
          f"measured with ONNX Runtime on {quantized['machine']}: {100 * test_accuracy:.2f} % against the float "
          f"model's {100 * quantized['float_accuracy']:.2f} % (drop {quantized['drop_points']:.2f} points); "
          f"{quantized['speedup_batch256']:.2f}x the float model's speed at batch 256, "
