@@ -34,9 +34,10 @@ def test_recipe_nested_runs_registration_and_promotion_on_postgresql(archive, tm
                            "-P", f"model_name={name}"], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"open {SERVER} in a browser" in done.stdout
-
     exp = mlflow.get_experiment_by_name(experiment)
+    # the server is the UI: its address, on this experiment's runs table (not MLflow 3's GenAI overview)
+    assert f"open {SERVER.rstrip('/')}/#/experiments/{exp.experiment_id}?workflowType=machine_learning" in done.stdout
+
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
     (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main"]
     children = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs
