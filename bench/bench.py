@@ -15,17 +15,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
-from bench import seed_recipe
+from bench import bookkeeping, seed_recipe
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
 from cifar10_cnn import evaluation, export, models, synthetic, training
@@ -93,23 +90,11 @@ def bench_mlflow_run(archive: Path, expected: str, epochs: int, workdir: Path) -
     """The whole recipe as a user runs it, in a fresh tracking store; per-step times from the store."""
     store = workdir / "store"
     store.mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-           C.CACHE_DIR_ENV: str(store / "data"),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    args = [MLFLOW, "run", str(ROOT), "--env-manager", "local", "-P", f"epochs={epochs}", "-P", f"data={archive}",
-            "-P", f"expected_records={expected}", "-P", "model_name=bench"]
-    start = time.perf_counter()
-    done = subprocess.run(args, cwd=store, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"mlflow run failed:\n{done.stderr[-3000:]}")
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    steps = {r.data.tags.get("mlflow.project.entryPoint"): r for r in runs}
-    step_s = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in steps.items()}
-    return {"wall_s": wall, "step_s": step_s, "train_peak_rss_mib": steps["train"].data.metrics.get("peak_rss_mib"),
-            "train_epochs_s": sum(m.value for m in mlflow.MlflowClient().get_metric_history(
-                steps["train"].info.run_id, "epoch_seconds"))}
+    wall, steps = bookkeeping.timed_mlflow_run(ROOT, store, [f"epochs={epochs}", f"data={archive}",
+                                                             f"expected_records={expected}", "model_name=bench"])
+    return {"wall_s": wall, "step_s": {name: bookkeeping.seconds(r) for name, r in steps.items()},
+            "train_peak_rss_mib": steps["train"].data.metrics.get("peak_rss_mib"),
+            "train_epochs_s": bookkeeping.epoch_seconds(steps["train"])}
 
 
 def latency(fn, batch: np.ndarray, calls: int) -> list[float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlflow
 
+from cifar10_cnn import constants as C
 from cifar10_cnn.hardware import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,25 +33,38 @@ ROWS = ("whole run, wall", "training epochs", "everything but the epochs", "inge
         "evaluate", "export", "`mlflow run` CLI and main")
 
 
-def one_run(project: Path, data: str, workdir: Path, extra: list[str]) -> dict:
+def timed_mlflow_run(project: Path, workdir: Path, params: list[str]) -> tuple[float, dict]:
+    """`mlflow run PROJECT --env-manager local -P ...` in a fresh store under `workdir`: its wall seconds
+    and its runs by entry point (each with the start and end times MLflow recorded)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "CIFAR10_DATA_DIR": str(workdir / "data"),
+           C.CACHE_DIR_ENV: str(workdir / "data"),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    args = [MLFLOW, "run", str(project), "--env-manager", "local", "-P", f"data={data}", *extra]
+    args = [MLFLOW, "run", str(project), "--env-manager", "local", *(a for p in params for a in ("-P", p))]
     start = time.perf_counter()
     done = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"mlflow run failed:\n{done.stderr[-3000:]}")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = {r.data.tags.get("mlflow.project.entryPoint"): r
-            for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    seconds = {name: (r.info.end_time - r.info.start_time) / 1000 for name, r in runs.items()}
-    epochs = sum(m.value for m in mlflow.MlflowClient().get_metric_history(runs["train"].info.run_id,
-                                                                           "epoch_seconds"))
-    steps = sum(seconds[s] for s in ("ingest", "train", "evaluate", "export"))
-    return dict(zip(ROWS, (wall, epochs, wall - epochs, seconds["ingest"], seconds["train"] - epochs,
-                           seconds["evaluate"], seconds["export"], wall - steps), strict=True))
+    return wall, {r.data.tags.get("mlflow.project.entryPoint"): r
+                  for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+
+
+def seconds(run) -> float:
+    return (run.info.end_time - run.info.start_time) / 1000
+
+
+def epoch_seconds(train_run) -> float:
+    return sum(m.value for m in mlflow.MlflowClient().get_metric_history(train_run.info.run_id, "epoch_seconds"))
+
+
+def one_run(project: Path, data: str, workdir: Path, extra: list[str]) -> dict:
+    wall, runs = timed_mlflow_run(project, workdir, [f"data={data}", *extra])
+    step = {name: seconds(r) for name, r in runs.items()}
+    epochs = epoch_seconds(runs["train"])
+    steps = sum(step[s] for s in ("ingest", "train", "evaluate", "export"))
+    return dict(zip(ROWS, (wall, epochs, wall - epochs, step["ingest"], step["train"] - epochs,
+                           step["evaluate"], step["export"], wall - steps), strict=True))
 
 
 def main(argv=None) -> list[dict]:
@@ -62,11 +76,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("-P", dest="params", action="append", default=[], help="more -P name=value for mlflow run")
     args = parser.parse_args(argv)
     print(machine_line(), flush=True)
-    extra = [a for p in args.params for a in ("-P", p)]
     results = []
+    project, data = Path(args.project).resolve(), str(Path(args.data).resolve())
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(one_run(Path(args.project).resolve(), str(Path(args.data).resolve()), Path(tmp), extra))
+            results.append(one_run(project, data, Path(tmp), args.params))
         print(f"run {i + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in results[-1].items()), flush=True)
     print(f"\n{args.project} (median of {len(results)})\n| | seconds |\n|---|---|")
     for row in ROWS:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
             ds = datalib.read(datalib.Source(path, "archive", str(path)), None)
             config = replace(config, epochs=2, batch_size=64, warmup_epochs=1)
         else:
-            cache = Path(os.environ.get(C.CACHE_DIR_ENV, C.DEFAULT_CACHE_DIR))
-            ds = datalib.read(datalib.resolve_source(args.data, cache))
+            ds = datalib.read(datalib.resolve_source(args.data, datalib.cache_dir()))
     print(f"{hardware.machine_line()}; device {hardware.describe(caps) if caps.device != 'cpu' else 'the CPU'}")
     print(f"precision {config.precision}, channels_last {config.channels_last}" +
           "".join(f"; {k}: {v}" for k, v in why.items()))

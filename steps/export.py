@@ -27,7 +27,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     # ONNX: export, check, and compare with PyTorch on every test image (one pass of each, kept).
     proto = export.to_onnx(model, torch.from_numpy(images[:8]))
     reference = export.outputs(export.torch_predictor(model), images)
-    onnx_logits = export.outputs(export.onnx_predictor(export.session(proto)), images)
+    float_onnx = export.onnx_predictor(export.session(proto))
+    onnx_logits = export.outputs(float_onnx, images)
     onnx_parity = export.parity(reference, onnx_logits)
     # The PyTorch flavor as logged (a torch.export program) must compute what the checkpoint does.
     pytorch_uri = train_run.data.tags[C.TAG_PYTORCH_MODEL_URI]
@@ -51,7 +52,7 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
-    int8_model = quantize(proto, dataset, images, float_accuracy) if int8 else None  # before anything is registered
+    int8_model = quantize(proto, float_onnx, dataset, images, float_accuracy) if int8 else None  # before registering
 
     # Register both flavors with the same tags, and a model card each.
     export_run_id = mlflow.active_run().info.run_id
@@ -85,11 +86,11 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
                        "onnx_version": onnx_version.version}, facts)
 
 
-def quantize(proto, dataset, test_images, float_accuracy: float):
-    """INT8 model, logged with its accuracy drop and speed-up. Returns its ModelInfo and what was measured."""
+def quantize(proto, float_onnx, dataset, test_images, float_accuracy: float):
+    """INT8 model of `proto` (whose ONNX Runtime predictor is `float_onnx`), logged with its accuracy drop
+    and speed-up. Returns its ModelInfo and what was measured."""
     calibration = nhwc(dataset.train_images[: C.INT8_CALIBRATION_IMAGES])
     quantized = export.quantize_int8(proto, calibration)
-    float_onnx = export.onnx_predictor(export.session(proto))
     int8_onnx = export.onnx_predictor(export.session(quantized))
     scored = evaluation.evaluate(torch.from_numpy(export.outputs(int8_onnx, test_images)),
                                  torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
