@@ -1,18 +1,22 @@
 """Serving latency and a bounded load test against a real `mlflow models serve` on loopback.
 
-    python -m bench.serve                       # FastNet and SimpleCNN, ONNX flavor, as the export step logs them
+    python -m bench.serve                       # SimpleCNN and AirNet, ONNX flavor, as the export step logs them
     python -m bench.serve --model-uri URI       # a model of yours, e.g. models:/cifar10-cnn-onnx@champion
     python -m bench.serve --quick               # a few requests (the test suite runs it)
 
 Latency depends on the network's shape, not on its weights, so without --model-uri the models are
 logged untrained into a temporary store, through the same code as the export step. Round trip =
-JSON encoding + HTTP + MLflow's parsing + our checks + inference + the JSON reply, measured by the
-client. Prints numbers; asserts nothing.
+HTTP + MLflow's parsing + our checks (and PNG decoding) + inference + the JSON reply, measured by the
+client (the request body is built beforehand). Each request size is sent as each kind of input:
+raw pixels as nested lists, and 32x32 PNG files, base64-encoded, in both forms the models take
+(`dataframe_split` and `inputs`). Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import platform
@@ -30,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
+KINDS = {"pixels": 'pixel lists {"inputs": [[[[r, g, b]...]]]}',
+         "png_dataframe_split": "PNGs in base64, dataframe_split",
+         "png_inputs": 'PNGs in base64, {"inputs": {"image"}}'}
 
 
 @contextmanager
@@ -73,9 +80,25 @@ def body(images: np.ndarray) -> bytes:
     return json.dumps({"inputs": images.tolist()}).encode()
 
 
-def latency(url: str, images: np.ndarray, repeats: int) -> dict:
-    """Client-side round trips for one request of `images`, after one warm-up."""
-    payload = body(images)
+def png_base64(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def bodies(images: np.ndarray) -> dict[str, bytes]:
+    """The same images as each kind of request body the models take."""
+    encoded = [png_base64(pixels) for pixels in images]
+    return {"pixels": body(images),
+            "png_dataframe_split": json.dumps({"dataframe_split": {"columns": ["image"],
+                                                                   "data": [[e] for e in encoded]}}).encode(),
+            "png_inputs": json.dumps({"inputs": {"image": encoded}}).encode()}
+
+
+def latency(url: str, payload: bytes, images: int, repeats: int) -> dict:
+    """Client-side round trips for one request body of `images` images, after one warm-up."""
     post(url, payload)
     times = []
     for _ in range(repeats):
@@ -83,10 +106,10 @@ def latency(url: str, images: np.ndarray, repeats: int) -> dict:
         status, _ = post(url, payload)
         times.append(time.perf_counter() - start)
         if status != 200:
-            raise RuntimeError(f"request of {len(images)} images answered {status}")
+            raise RuntimeError(f"request of {images} images answered {status}")
     ms = np.array(times) * 1000
-    return {"images": len(images), "requests": repeats, "median_ms": float(np.median(ms)),
-            "p99_ms": float(np.percentile(ms, 99)), "images_per_s": float(len(images) / np.median(ms) * 1000)}
+    return {"images": images, "requests": repeats, "median_ms": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)), "images_per_s": float(images / np.median(ms) * 1000)}
 
 
 def load_test(url: str, images: np.ndarray, requests: int, concurrency: int, time_limit_s: float,
@@ -173,7 +196,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", help="serve this model instead of untrained FastNet and SimpleCNN")
-    parser.add_argument("--networks", default="simple_cnn,fastnet", help="untrained networks to serve, comma-separated")
+    parser.add_argument("--networks", default="simple_cnn,airnet", help="untrained networks to serve, comma-separated")
     parser.add_argument("--quick", action="store_true", help="a few requests only")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -182,9 +205,10 @@ def main(argv=None) -> int:
         {"requests": 1000, "concurrency": 8, "time_limit_s": 60}
     images = np.random.default_rng(1).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     from cifar10_cnn import constants as C
+    from cifar10_cnn import hardware
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; one `mlflow models serve` worker on loopback")
+    print(f"{hardware.machine_line()}; Python {platform.python_version()}; one `mlflow models serve` worker on "
+          "loopback")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         targets = [(args.model_uri, dict(os.environ), args.model_uri)] if args.model_uri else []
@@ -197,14 +221,16 @@ def main(argv=None) -> int:
             workdir = Path(tmp) / "serve"
             workdir.mkdir(exist_ok=True)
             with server(uri, free_port(), env, workdir) as url:
-                rows = {n: latency(url, images[:n], r) for n, r in repeats.items()}
+                rows = {kind: {n: latency(url, payload, n, r) for n, r in repeats.items()
+                               for payload in [bodies(images[:n])[kind]]} for kind in KINDS}
                 loaded = load_test(url, images, **load)
                 too_big = post(url, body(np.zeros((C.MAX_REQUEST_IMAGES + 1, 32, 32, 3), np.uint8)))[0]
             results[label] = {"latency": rows, "load": loaded, "oversized_batch_status": too_big}
             print(f"\n{label}")
-            for n, r in rows.items():
-                print(f"  round trip, {n:>3} image(s): median {r['median_ms']:7.2f} ms, p99 {r['p99_ms']:7.2f} ms "
-                      f"({r['requests']} requests, {r['images_per_s']:,.0f} images/s)")
+            for kind, by_size in rows.items():
+                for n, r in by_size.items():
+                    print(f"  round trip, {n:>3} image(s) as {KINDS[kind]:<34}: median {r['median_ms']:7.2f} ms, "
+                          f"p99 {r['p99_ms']:7.2f} ms ({r['requests']} requests, {r['images_per_s']:,.0f} images/s)")
             print(f"  load test: {loaded['requests']} requests of 1-16 images from {loaded['concurrency']} threads in "
                   f"{loaded['seconds']:.1f} s: {loaded['requests_per_s']:.0f} requests/s, "
                   f"{loaded['images_per_s']:,.0f} images/s, {loaded['errors']} errors, p99 {loaded['p99_ms']:.1f} ms")

@@ -116,6 +116,17 @@ def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: b
     return _local_source(path)
 
 
+def cifar10_at(path: Path) -> Source | None:
+    """`path` as CIFAR-10: a gzip archive, or a folder holding the test batch (or its batch folder); else None."""
+    path = Path(path).resolve()
+    if path.is_file():
+        with path.open("rb") as fh:
+            return Source(path, "archive", str(path)) if fh.read(2) == _GZIP_MAGIC else None
+    if any((folder / C.TEST_BATCH).is_file() for folder in (path / C.BATCH_DIR, path)):
+        return Source(path, "directory", str(path))
+    return None
+
+
 def source_digest(source: Source) -> str:
     """sha256 of what ingest would read: the archive's bytes, or the folder's CIFAR-10 files in order.
 
@@ -189,8 +200,9 @@ def download(url: str, dest: Path, md5: str | None = None, timeout_s: float = 60
 # --- reading and checking ----------------------------------------------------------------------------
 
 
-def _wanted_members() -> dict[str, str]:
-    names = (*C.TRAIN_BATCHES, C.TEST_BATCH, C.META_FILE)
+def _wanted_members(splits: tuple[str, ...] = ("train", "test")) -> dict[str, str]:
+    names = (*(C.TRAIN_BATCHES if "train" in splits else ()), *((C.TEST_BATCH,) if "test" in splits else ()),
+             C.META_FILE)
     return {f"{C.BATCH_DIR}/{name}": name for name in names}
 
 
@@ -210,14 +222,14 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
         raise UserError(f"{where} is not a regular file or folder; refusing it")
 
 
-def _read_archive(path: Path) -> dict[str, bytes]:
+def _read_archive(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"data: {path} is empty (0 bytes)")
     with path.open("rb") as fh:
         if fh.read(2) != _GZIP_MAGIC:
             raise UserError(f"data: {path} is not gzip-compressed; expected {C.ARCHIVE_NAME} (binary version)")
-    wanted = _wanted_members()
+    wanted = _wanted_members(splits)
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:gz") as tar, bar(total=len(wanted), desc="read archive", unit="file") as pbar:
@@ -246,10 +258,10 @@ def _read_archive(path: Path) -> dict[str, bytes]:
     return found
 
 
-def _read_directory(path: Path) -> dict[str, bytes]:
+def _read_directory(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
     folder = path / C.BATCH_DIR if (path / C.BATCH_DIR).is_dir() else path
     found: dict[str, bytes] = {}
-    for short in _wanted_members().values():
+    for short in _wanted_members(splits).values():
         file = folder / short
         if not file.is_file():
             raise UserError(f"data: {file} is missing (expected the extracted {C.BATCH_DIR} folder)")
@@ -304,19 +316,23 @@ def _class_names(raw: bytes, where: str) -> tuple[str, ...]:
     return names
 
 
-def read(source: Source, expected: dict[str, int] | None = C.OFFICIAL_RECORDS) -> Cifar10:
+def read(source: Source, expected: dict[str, int] | None = C.OFFICIAL_RECORDS,
+         splits: tuple[str, ...] = ("train", "test")) -> Cifar10:
     """Read and validate CIFAR-10 from a local archive or folder.
 
     `expected` gives the record counts each split must hold (the official 50,000 / 10,000 by
-    default); None accepts any consistent size, for small synthetic archives.
+    default); None accepts any consistent size, for small synthetic archives. A split left out of
+    `splits` is not read and comes back empty.
     """
-    files = _read_archive(source.path) if source.kind == "archive" else _read_directory(source.path)
+    files = _read_archive(source.path, splits) if source.kind == "archive" else _read_directory(source.path, splits)
     where = str(source.path) if source.kind == "directory" else f"{source.path}:{C.BATCH_DIR}"
-    train_images, train_labels = _split(C.TRAIN_BATCHES, files, where)
-    test_images, test_labels = _split((C.TEST_BATCH,), files, where)
+    empty = (np.empty((0, *C.IMAGE_SHAPE), np.uint8), np.empty(0, np.uint8))
+    train_images, train_labels = _split(C.TRAIN_BATCHES, files, where) if "train" in splits else empty
+    test_images, test_labels = _split((C.TEST_BATCH,), files, where) if "test" in splits else empty
     dataset = Cifar10(train_images, train_labels, test_images, test_labels, _class_names(files[C.META_FILE], where))
     if expected is not None:
-        for split, count in dataset.sizes().items():
+        for split in splits:
+            count = dataset.sizes()[split]
             if count != expected[split]:
                 raise UserError(
                     f"data: {source.path} has {count:,} {split} records, expected {expected[split]:,}"

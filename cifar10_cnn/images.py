@@ -1,12 +1,17 @@
-"""Image files -> the model's input: uint8 RGB `[32, 32, 3]`, made the same way for every caller.
+"""Image files and encoded images -> the model's input: uint8 RGB `[32, 32, 3]`, made the same way for every caller.
 
-Files come from users, so each one is checked before it is decoded: its size on disk, its pixel
-count (decompression bombs), and whether it decodes at all. Each problem is an `UnreadableImage`
-naming the file, and a caller can skip that file and go on with the others.
+Images come from users, so each one is checked before it is decoded: its size, its pixel count
+(decompression bombs), and whether it decodes at all. Each problem is an `UnreadableImage` naming the
+image, and a caller can skip that image and go on with the others.
+
+This file imports nothing from the project (only numpy and Pillow): it is copied into every logged
+model beside serving.py, so a served model converts an uploaded image exactly as the predict command
+converts a file.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -18,13 +23,45 @@ SIZE = (32, 32)  # width, height the networks take
 
 
 class UnreadableImage(ValueError):
-    """This file cannot be turned into a model input; the message says why."""
+    """This image cannot be turned into a model input; the message says why."""
+
+
+def decode(data: bytes, name: str) -> np.ndarray:
+    """Decode one encoded image (PNG, JPEG, anything Pillow reads) into uint8 `[32, 32, 3]`: EXIF-rotated,
+    RGB, resized with Pillow's antialiased bilinear filter. `name` says which image, in errors."""
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise UnreadableImage(f"{name}: empty")
+    if len(data) > MAX_FILE_BYTES:
+        raise UnreadableImage(f"{name}: {len(data) / 2**20:.0f} MiB is larger than the "
+                              f"{MAX_FILE_BYTES // 2**20} MiB limit")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_PIXELS and twice that; every bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise UnreadableImage(f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS:,} "
+                                          "allowed (a decompression bomb?)")
+                image = ImageOps.exif_transpose(image)
+                rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK, 16-bit: all to RGB
+                if rgb.size != SIZE:
+                    rgb = rgb.resize(SIZE, Image.Resampling.BILINEAR)  # antialiased when shrinking
+                return np.asarray(rgb, dtype=np.uint8)  # [32, 32, 3]
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"{name}: too many pixels (a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(f"{name}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise UnreadableImage(f"{name}: corrupt image ({exc})") from None
 
 
 def load(path: Path) -> np.ndarray:
-    """Decode one file into uint8 `[32, 32, 3]`: EXIF-rotated, RGB, resized with Pillow's antialiased bilinear."""
-    from PIL import Image, ImageOps
-
+    """Decode one file into uint8 `[32, 32, 3]` (see decode); its size is checked before it is read."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -37,26 +74,10 @@ def load(path: Path) -> np.ndarray:
     if size > MAX_FILE_BYTES:
         raise UnreadableImage(f"{path}: {size / 2**20:.0f} MiB is larger than the {MAX_FILE_BYTES // 2**20} MiB limit")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_PIXELS and twice that; every bomb is an error here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise UnreadableImage(f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS:,} "
-                                          "allowed (a decompression bomb?)")
-                image = ImageOps.exif_transpose(image)
-                rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK, 16-bit: all to RGB
-                small = rgb.resize(SIZE, Image.Resampling.BILINEAR)  # antialiased when shrinking
-    except UnreadableImage:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(f"{path}: too many pixels (a decompression bomb?)") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise UnreadableImage(f"{path}: corrupt image ({exc})") from None
-    return np.asarray(small, dtype=np.uint8)  # [32, 32, 3]
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableImage(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return decode(data, str(path))
 
 
 def files_under(path: Path) -> list[Path]:

@@ -16,10 +16,11 @@ import mlflow
 from mlflow.models import Model
 
 from . import constants as C
-from . import serving
+from . import images, serving
 from .logs import quiet
 
 LOADER_MODULE = "cifar10_serving"  # the name serving.py has inside a logged model's code/ folder
+IMAGES_MODULE = "cifar10_images"  # and images.py, which it imports there under this name
 
 
 class _Flavor:
@@ -32,9 +33,10 @@ class _Flavor:
     def save_model(self, path, mlflow_model: Model, **kwargs):
         kwargs.pop("validate_serving_input", None)  # for Model.log, not for the flavor's save_model
         with tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp) / f"{LOADER_MODULE}.py"
-            shutil.copyfile(serving.__file__, code)
-            self._save(path=path, mlflow_model=mlflow_model, code_paths=[str(code)], **kwargs)
+            code = [Path(tmp) / f"{LOADER_MODULE}.py", Path(tmp) / f"{IMAGES_MODULE}.py"]
+            shutil.copyfile(serving.__file__, code[0])
+            shutil.copyfile(images.__file__, code[1])
+            self._save(path=path, mlflow_model=mlflow_model, code_paths=[str(c) for c in code], **kwargs)
         Path(path, serving.CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
         pyfunc = mlflow_model.flavors["python_function"]
         pyfunc["loader_module"] = LOADER_MODULE
@@ -55,7 +57,8 @@ def base_version(version: str) -> str:
 def model_metadata(class_names) -> dict:
     """What a logged model takes and gives, stored in its MLmodel file."""
     return {"class_names": list(class_names),
-            "input": f"uint8 RGB pixels [batch, 32, 32, 3] (NHWC), 0..255, at most {C.MAX_REQUEST_IMAGES} per request",
+            "input": f"a column '{serving.IMAGE_COLUMN}' of base64-encoded image files (PNG, JPEG, ...), or uint8 "
+                     f"RGB pixels [batch, 32, 32, 3] (NHWC), 0..255; at most {C.MAX_REQUEST_IMAGES} per request",
             "output": "pyfunc: one row per image with class, class_index, probability, probabilities; "
                       f"the network itself: {C.SERVING_OUTPUT} float32 [batch, {C.NUM_CLASSES}]"}
 
@@ -74,7 +77,7 @@ def log_pytorch(model, example_nchw, class_names):
     flavor = _Flavor(mlflow.pytorch.save_model, "pytorch", "data", class_names, C.MAX_REQUEST_IMAGES)
     return _log(flavor, C.PYTORCH_MODEL_NAME, model_metadata(class_names), pytorch_model=model,
                 signature=infer_signature(example, logits), input_example=example,
-                pip_requirements=[f"torch=={base_version(torch.__version__)}", f"mlflow=={mlflow.__version__}"],
+                pip_requirements=[f"torch=={base_version(torch.__version__)}", *_common_requirements()],
                 serialization_format="pt2",
                 # MLflow would load the program again to try the example (0.6 s); the export step checks
                 # the logged model against the checkpoint on every test image instead.
@@ -95,8 +98,14 @@ def log_onnx(proto, name: str, example, logits, class_names):
     return _log(flavor, name, model_metadata(class_names), onnx_model=proto,
                 signature=infer_signature(example, logits), input_example=example,
                 pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}",
-                                  f"mlflow=={mlflow.__version__}"],
+                                  *_common_requirements()],
                 save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+
+
+def _common_requirements() -> list[str]:
+    import PIL
+
+    return [f"mlflow=={mlflow.__version__}", f"pillow=={PIL.__version__}"]  # pillow: images.py decodes uploads
 
 
 def _log(flavor: _Flavor, name: str, metadata: dict, **kwargs):

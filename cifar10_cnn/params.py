@@ -118,6 +118,9 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "ingest_run_id": (None, "the FINISHED ingest run whose data to use"),
     "train_run_id": (None, "the FINISHED train run whose model to use"),
     "evaluate_run_id": (None, "the FINISHED evaluate run of that train run"),
+    "model_uri": (f"models:/{C.DEFAULT_MODEL_NAME}{C.ONNX_REGISTERED_SUFFIX}@{C.CANDIDATE_ALIAS}",
+                  "the model to score with: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/<id>/<name>"),
+    "images": (None, "a folder (or file) of images, or a CIFAR-10 archive or folder (its test images, scored)"),
 }
 
 

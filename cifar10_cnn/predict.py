@@ -1,8 +1,8 @@
-"""`python -m cifar10_cnn predict`: classify image files with a registered or logged model.
+"""Classify image files, or arrays of pixels, with a registered or logged model: the mechanics of the
+predict step (`mlflow run . -e predict`) and of `python -m cifar10_cnn predict`.
 
 Every file is read and resized the same way (images.load); a file that cannot be read gets its own
-error line and the others are still classified. Folders are searched recursively and their results
-also go to a CSV file.
+error and the others are still classified. Folders are searched recursively.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import pandas as pd
 
 from . import constants as C
 from . import images as imagelib
+from .errors import UserError
 
 
 @dataclass(frozen=True)
 class Result:
-    path: Path
+    path: Path | str  # the file, or where in an archive the image is
     label: str | None = None  # class name
     probability: float | None = None
     probabilities: tuple[float, ...] = ()
     error: str | None = None
+    truth: str | None = None  # the true class, where the input says it (a CIFAR-10 archive)
 
 
 Model = Callable[[np.ndarray], pd.DataFrame]  # uint8 [N, 32, 32, 3] -> the pyfunc's table
@@ -52,6 +54,31 @@ def classify(paths: list[Path], model: Model, batch_size: int = C.MAX_REQUEST_IM
     return [results[p] for p in paths]
 
 
+def classify_pixels(pixels: np.ndarray, names: list[str], model: Model, truths: list[str] | None = None,
+                    batch_size: int = C.MAX_REQUEST_IMAGES) -> list[Result]:
+    """One Result per image of uint8 `[N, 32, 32, 3]`, named by `names`, in requests of `batch_size`."""
+    results = []
+    for i in range(0, len(pixels), batch_size):
+        for j, row in enumerate(model(pixels[i : i + batch_size]).to_dict("records"), start=i):
+            results.append(Result(names[j], row["class"], float(row["probability"]),
+                                  tuple(float(p) for p in row["probabilities"]), truth=truths[j] if truths else None))
+    return results
+
+
+def load_model(model_uri: str):
+    """`mlflow.pyfunc.load_model`, with a failure as one UserError line naming the URI."""
+    import mlflow
+
+    uri = str(model_uri).strip()
+    if not uri:
+        raise UserError("model_uri is empty; give e.g. models:/cifar10-cnn-onnx@champion or runs:/<id>/onnx_model")
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises many kinds: missing model, alias, run, artifact, flavor
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load model {uri!r}: {first}") from None
+
+
 def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None:
     """All results as CSV, written to a temporary file and renamed: never a half-written file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -59,11 +86,11 @@ def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None
     try:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error"])
+            writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error", "true_class"])
             for r in results:
                 probabilities = [f"{p:.6f}" for p in r.probabilities] or [""] * len(class_names)
                 writer.writerow([str(r.path), r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
-                                 *probabilities, r.error or ""])
+                                 *probabilities, r.error or "", r.truth or ""])
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -72,12 +99,10 @@ def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None
 
 def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
     """The command: prints one line per file; returns 0 when every file was classified, else 1."""
-    import mlflow
-
     try:
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:
-        print(f"error: predict: cannot load model {model_uri!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        pyfunc = load_model(model_uri)
+    except UserError as exc:
+        print(f"error: predict: {exc}", file=sys.stderr)
         return 2
     metadata = pyfunc.metadata.metadata or {}
     class_names = metadata.get("class_names", list(C.CLASS_NAMES))

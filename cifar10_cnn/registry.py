@@ -120,6 +120,18 @@ def _version(client: MlflowClient, name: str, ref: str) -> ModelVersion:
         raise UserError(f"registered model {name!r} has no version {ref!r}") from None
 
 
+def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
+    """The registered version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI names; None for other URIs."""
+    text = model_uri.strip()
+    if not text.startswith("models:/"):
+        return None
+    path = text[len("models:/"):]
+    name, ref = path.split("@", 1) if "@" in path else (path.rsplit("/", 1) + [""])[:2]
+    if not name or not ref:
+        return None
+    return _version(client, name, ref)
+
+
 def promote(
     client: MlflowClient, name: str, ref: str, onnx_name: str, force: bool = False
 ) -> tuple[Decision, str, str | None]:

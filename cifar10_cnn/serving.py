@@ -1,30 +1,46 @@
-"""The `python_function` side of the registered models: strict raw pixels in, class names and probabilities out.
+"""The `python_function` side of the registered models: images in, class names and probabilities out.
 
 Both registered flavors (PyTorch and ONNX) use this module as their pyfunc loader, so
-`mlflow.pyfunc.load_model(...)` and `mlflow models serve` behave the same for both:
+`mlflow.pyfunc.load_model(...)` and `mlflow models serve` behave the same for both. Two kinds of input:
 
-- input: RGB pixels, `[N, 32, 32, 3]` (NHWC), integers 0..255, at most `max_batch` images. Anything
-  else (floats with a fraction, values out of range, another shape, strings, too many images) is
-  refused with a message, which the MLflow scoring server turns into HTTP 400. MLflow would cast a
-  request to the signature's dtype and silently truncate 0.7 to 0; so the pyfunc has no input
-  signature and this module checks the values itself.
+- encoded images: a column named `image` of image files (PNG, JPEG, anything Pillow reads; any size,
+  mode or EXIF orientation) as base64 strings (a `data:image/...;base64,` prefix is allowed) or bytes;
+  a DataFrame (`{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`) or a dict
+  (`{"inputs": {"image": ["<base64>", ...]}}`). Each is converted by images.decode, exactly as the
+  predict command converts a file.
+- raw pixels: RGB `[N, 32, 32, 3]` (NHWC), integers 0..255 (`{"inputs": [[[[r, g, b], ...]]]}`).
+
+At most `max_batch` images either way. Anything else (bad base64, not an image, a decompression bomb,
+floats with a fraction, values out of range, another shape, too many images) is refused with a
+message naming the problem, which the MLflow scoring server turns into HTTP 400. MLflow would cast a
+request to the signature's dtype and silently truncate 0.7 to 0; so the pyfunc has no input
+signature and this module checks the values itself.
 - output: a DataFrame with one row per image: `class` (name), `class_index`, `probability` (of that
   class) and `probabilities` (all ten, in class-index order).
 
-This file is copied into every logged model (its `code/` folder) and imports nothing from this
-project: a served model needs only mlflow, numpy, pandas and onnxruntime (ONNX) or torch (PyTorch).
+This file is copied into every logged model (its `code/` folder) with images.py beside it, and
+imports nothing else from this project: a served model needs only mlflow, numpy, pandas, Pillow and
+onnxruntime (ONNX) or torch (PyTorch).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 
 import numpy as np
 import pandas as pd
 
+try:
+    from . import images as imagelib  # in the project: cifar10_cnn.images
+except ImportError:  # in a logged model: the copy beside this file (mlmodel.IMAGES_MODULE)
+    import cifar10_images as imagelib
+
 CONFIG_FILE = "cifar10_serving.json"  # in the model folder: backend, model file, class names, max_batch
 IMAGE_SHAPE = (32, 32, 3)
+IMAGE_COLUMN = "image"  # encoded images come in a column of this name
 
 
 class InvalidImages(ValueError):
@@ -33,12 +49,18 @@ class InvalidImages(ValueError):
 
 def check_images(data, max_batch: int) -> np.ndarray:
     """The request as uint8 `[N, 32, 32, 3]`, or InvalidImages saying what is wrong with it."""
-    if isinstance(data, dict):  # {"inputs": {"images": [...]}}
-        if set(data) != {"images"}:
-            raise InvalidImages(f"expected one input named 'images', got {sorted(data)}")
-        data = data["images"]
     if isinstance(data, pd.DataFrame):
-        raise InvalidImages('send {"inputs": [[[[r, g, b], ...]]]}: a [N, 32, 32, 3] array, not a table')
+        if list(data.columns) != [IMAGE_COLUMN]:
+            raise InvalidImages(f"a table of images needs exactly one column, {IMAGE_COLUMN!r} (base64-encoded "
+                                f"image files); got columns {[str(c) for c in data.columns]}")
+        return decode_images(data[IMAGE_COLUMN].tolist(), max_batch)
+    if isinstance(data, dict):  # {"inputs": {"image": [...]}} or, raw pixels, {"inputs": {"images": [...]}}
+        if set(data) == {IMAGE_COLUMN}:
+            return decode_images(np.asarray(data[IMAGE_COLUMN], dtype=object).ravel().tolist(), max_batch)
+        if set(data) != {"images"}:
+            raise InvalidImages(f"expected one input named {IMAGE_COLUMN!r} (base64-encoded image files) "
+                                f"or 'images' (pixel arrays), got {sorted(data)}")
+        data = data["images"]
     try:
         array = np.asarray(data)
     except ValueError as exc:  # ragged nesting
@@ -57,6 +79,28 @@ def check_images(data, max_batch: int) -> np.ndarray:
             raise InvalidImages(f"pixel values must be in 0..255, got {array.min()}..{array.max()}")
         array = array.astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+def decode_images(encoded: list, max_batch: int) -> np.ndarray:
+    """Base64 strings (or bytes) of image files -> uint8 `[N, 32, 32, 3]`; the first bad one is named."""
+    if not 1 <= len(encoded) <= max_batch:
+        raise InvalidImages(f"send between 1 and {max_batch} images per request, got {len(encoded)}")
+    pixels = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
+    for i, item in enumerate(encoded):
+        name = f"{IMAGE_COLUMN} {i}"
+        if isinstance(item, str):
+            text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data URL's payload
+            try:
+                item = base64.b64decode(text.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidImages(f"{name}: not valid base64 (send each image file base64-encoded)") from None
+        elif not isinstance(item, (bytes, bytearray)):
+            raise InvalidImages(f"{name}: expected a base64 string of an image file, got {type(item).__name__}")
+        try:
+            pixels[i] = imagelib.decode(bytes(item), name)
+        except imagelib.UnreadableImage as exc:
+            raise InvalidImages(str(exc)) from None
+    return pixels
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

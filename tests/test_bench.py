@@ -39,7 +39,8 @@ def test_quick_serving_benchmark_reports_latency_and_load(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "round trip,   1 image(s)" in done.stdout and "load test:" in done.stdout
     r = json.loads(out.read_text())["simple_cnn"]
-    assert set(r["latency"]) == {"1", "256"} and r["latency"]["256"]["median_ms"] > 0
+    assert set(r["latency"]) == {"pixels", "png_dataframe_split", "png_inputs"}
+    assert all(set(sizes) == {"1", "256"} and sizes["256"]["median_ms"] > 0 for sizes in r["latency"].values())
     assert r["load"]["errors"] == 0 and r["load"]["requests"] == 40
     assert r["oversized_batch_status"] == 400
 

@@ -117,8 +117,8 @@ def test_folder_csv_is_complete(tmp_path):
     (np.zeros((0, 32, 32, 3), np.uint8), "between 1 and 8 images"),
     (np.zeros((9, 32, 32, 3), np.uint8), "between 1 and 8 images"),
     (np.array([["a"]]), "integers 0..255"),
-    (pd.DataFrame({"x": [1]}), "not a table"),
-    ({"pixels": np.zeros((1, 32, 32, 3))}, "one input named 'images'"),
+    (pd.DataFrame({"x": [1]}), "exactly one column, 'image'"),
+    ({"pixels": np.zeros((1, 32, 32, 3))}, "or 'images' .pixel arrays."),
 ])
 def test_serving_refuses_what_the_model_cannot_take(data, message):
     with pytest.raises(serving.InvalidImages, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -130,3 +130,54 @@ def test_serving_takes_integers_of_any_width_and_integral_floats():
     for data in (pixels, pixels.astype(float), pixels.astype(np.uint8), {"images": pixels.tolist()}):
         out = serving.check_images(data, max_batch=8)
         assert out.dtype == np.uint8 and np.array_equal(out, pixels)
+
+
+def encoded(path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_encoded_images_become_the_same_pixels_as_files(tmp_path):
+    rng = np.random.default_rng(4)
+    files = [save(tmp_path / "a.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+             save(tmp_path / "b.jpg", rng.integers(0, 256, (90, 60, 3), dtype=np.uint8), quality=80),
+             save(tmp_path / "c.png", rng.integers(0, 256, (50, 50), dtype=np.uint8), "L")]
+    expected = np.stack([images.load(f) for f in files])
+    as_text = [encoded(f) for f in files]
+    as_text[1] = "data:image/jpeg;base64," + as_text[1]  # what a browser's FileReader gives
+    for request in (pd.DataFrame({"image": as_text}), {"image": np.array(as_text)},
+                    pd.DataFrame({"image": [f.read_bytes() for f in files]})):
+        assert np.array_equal(serving.check_images(request, max_batch=8), expected)
+
+
+def test_exif_orientation_is_applied_to_uploads(tmp_path):
+    tall = np.zeros((64, 32, 3), np.uint8)
+    tall[:32] = 255  # white top half
+    image = Image.fromarray(tall)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    pixels = serving.check_images(pd.DataFrame({"image": [encoded(tmp_path / "rotated.jpg")]}), 1)[0]
+    assert pixels[:, 16:].mean() > 200 and pixels[:, :16].mean() < 50  # white on the right once rotated
+
+
+@pytest.mark.parametrize("what, request_, message", [
+    ("bad base64", pd.DataFrame({"image": ["not base64!"]}), "image 0: not valid base64"),
+    ("not an image", {"image": np.array(["aGVsbG8gd29ybGQ="])}, "image 0: not an image Pillow can read"),
+    ("a number", pd.DataFrame({"image": [12]}), "image 0: expected a base64 string"),
+    ("wrong column", pd.DataFrame({"picture": ["aGVsbG8="]}), "exactly one column, 'image'"),
+    ("wrong input", {"photo": np.array(["aGVsbG8="])}, "one input named 'image'"),
+    ("too many", pd.DataFrame({"image": ["aGVsbG8="] * 5}), "between 1 and 4 images per request, got 5"),
+])
+def test_bad_uploads_are_refused_naming_the_problem(what, request_, message):
+    with pytest.raises(serving.InvalidImages, match=message):
+        serving.check_images(request_, max_batch=4)
+
+
+def test_an_uploaded_decompression_bomb_is_refused(tmp_path):
+    Image.new("1", (20_000, 20_000)).save(tmp_path / "bomb.png")
+    good = save(tmp_path / "ok.png", np.zeros((32, 32, 3), np.uint8))
+    request_ = pd.DataFrame({"image": [encoded(good), encoded(tmp_path / "bomb.png")]})
+    with pytest.raises(serving.InvalidImages, match="image 1: .*decompression bomb"):
+        serving.check_images(request_, max_batch=4)

@@ -1,6 +1,8 @@
 """Each step on its own, in this process, against a temporary tracking store."""
 
+import base64
 import csv
+import io
 import json
 import os
 import signal
@@ -17,10 +19,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from bench.serve import load_test
 from cifar10_cnn import constants as C
 from cifar10_cnn import hardware, recipes, synthetic
+from cifar10_cnn import images as imagelib
 from cifar10_cnn.errors import UserError
 from steps import evaluate, export, ingest, main, train
 from tests.conftest import free_port, isolate, runs_env
@@ -146,6 +150,22 @@ def test_export_registers_both_flavors_matched_and_aliased(chain):
     assert run.data.tags[C.TAG_REGISTERED.format(flavor="pytorch")] == f"tiny/{pt.version}"
 
 
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def jpeg(folder: Path) -> bytes:
+    """A real photo-sized JPEG: 640x480, larger than any model input, with EXIF."""
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC)
+    path = folder / "photo.jpg"
+    photo.save(path, quality=85)
+    return path.read_bytes()
+
+
 PORTABLE = """
 import sys, json, importlib.abc
 class Block(importlib.abc.MetaPathFinder):  # as if this project were not installed
@@ -153,10 +173,12 @@ class Block(importlib.abc.MetaPathFinder):  # as if this project were not instal
         if name.split(".")[0] in ("cifar10_cnn", "steps", "tests", "bench"):
             raise ImportError(f"{name} is not available here")
 sys.meta_path.insert(0, Block())
-import numpy as np, torch, mlflow
+import numpy as np, pandas as pd, torch, mlflow
 images = np.array(json.loads(sys.argv[1]), dtype=np.uint8)
+pyfunc = mlflow.pyfunc.load_model("models:/tiny@candidate")
 out = {"pytorch": mlflow.pytorch.load_model("models:/tiny@candidate")(torch.from_numpy(images)).tolist(),
-       "pyfunc": mlflow.pyfunc.load_model("models:/tiny@candidate").predict(images)["probabilities"].tolist()}
+       "pyfunc": pyfunc.predict(images)["probabilities"].tolist(),
+       "encoded": pyfunc.predict(pd.DataFrame({"image": sys.argv[2:]}))["probabilities"].tolist()}
 print(json.dumps(out))
 """
 
@@ -164,13 +186,15 @@ print(json.dumps(out))
 def test_registered_pytorch_model_loads_without_this_project(chain, tmp_path):
     images = synthetic.images_for(np.arange(6) % 10, np.random.default_rng(2)).transpose(0, 2, 3, 1).copy()
     env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", PORTABLE, json.dumps(images.tolist())], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    encoded = [base64.b64encode(png(pixels)).decode() for pixels in images]
+    done = subprocess.run([sys.executable, "-c", PORTABLE, json.dumps(images.tolist()), *encoded], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     expected = mlflow.pytorch.load_model("models:/tiny@candidate")(torch.from_numpy(images)).detach().numpy()
     assert np.abs(np.array(out["pytorch"]) - expected).max() < 1e-5
     assert np.abs(np.array(out["pyfunc"]) - torch.softmax(torch.from_numpy(expected), 1).numpy()).max() < 1e-5
+    assert out["encoded"] == out["pyfunc"]  # PNG files in, through the model's own copy of images.py
 
 
 @pytest.mark.slow
@@ -226,6 +250,31 @@ def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_
             assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
         status, reply = post(json.dumps({"inputs": images.astype(float).tolist()}).encode())  # 12.0 is 12
         assert status == 200 and [p["class"] for p in reply["predictions"]] == [p["class"] for p in predictions]
+        # Image files, base64-encoded, in both forms: the same answer as their decoded pixels.
+        files = [png(pixels) for pixels in images[:3]] + [jpeg(tmp_path)]
+        pixels = np.stack([imagelib.decode(f, "f") for f in files])
+        status, reply = post(json.dumps({"inputs": pixels.tolist()}).encode())
+        assert status == 200
+        as_pixels = [(p["class"], round(p["probability"], 5)) for p in reply["predictions"]]
+        encoded = [base64.b64encode(f).decode() for f in files]
+        for form in ({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
+                     {"inputs": {"image": encoded}}):
+            status, reply = post(json.dumps(form).encode())
+            assert status == 200, reply
+            assert [(p["class"], round(p["probability"], 5)) for p in reply["predictions"]] == as_pixels, form.keys()
+        bomb = io.BytesIO()
+        Image.new("1", (20_000, 20_000)).save(bomb, "PNG")
+        for what, (column, message) in {
+            "bad base64": (["%%%"], "image 0: not valid base64"),
+            "not an image": ([encoded[0], base64.b64encode(b"just text").decode()], "image 1: not an image"),
+            "a decompression bomb": ([base64.b64encode(bomb.getvalue()).decode()], "decompression bomb"),
+            "too many images": ([encoded[0]] * (C.MAX_REQUEST_IMAGES + 1), f"between 1 and {C.MAX_REQUEST_IMAGES}"),
+        }.items():
+            for form in ({"dataframe_split": {"columns": ["image"], "data": [[e] for e in column]}},
+                         {"inputs": {"image": column}}):
+                status, reply = post(json.dumps(form).encode())
+                assert status == 400 and message in reply["message"], (what, status, reply)
+        assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
         # A short load test: bounded in count and time, every answer must be right.
         result = load_test(url, images, requests=60, concurrency=4, time_limit_s=90)
         print(f"load test {name}: {result}")
@@ -414,6 +463,53 @@ def test_predict_command_classifies_files_and_folders(chain, tmp_path, capsys):
     assert len(rows) == 5 and [r["class"] for r in rows if r["error"]] == [""]
     code = cli(["predict", "--model", "models:/no-such-model@champion", str(single)])
     assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
+
+
+def test_predict_step_scores_an_archive_and_a_folder_in_runs_of_their_own(chain, archive, tmp_path, capsys):
+    from steps import predict as predict_step
+
+    onnx = MlflowClient().get_model_version_by_alias("tiny-onnx", C.CANDIDATE_ALIAS)
+    predict_step.main(["--model-uri", "models:/tiny-onnx@candidate", "--images", str(archive)])
+    run = step_runs("predict")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model_name"] == "tiny-onnx" and run.data.params["model_version"] == str(onnx.version)
+    # The acceptance test: the test images scored from outside the pipeline give the version's own figure.
+    assert run.data.metrics["test_accuracy"] == pytest.approx(float(onnx.tags["test_accuracy"]), abs=5e-5)  # 4 decimals
+    assert run.data.metrics["images"] == 100 and run.data.metrics["errors"] == 0
+    assert sum(run.data.metrics[f"count_{n}"] for n in C.CLASS_NAMES) == 100
+    rows = list(csv.DictReader(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                        artifact_path="predictions.csv",
+                                                                        dst_path=str(tmp_path)))))
+    assert len(rows) == 100 and rows[0]["path"] == "test_batch.bin[0]" and rows[0]["true_class"] in C.CLASS_NAMES
+    assert sum(r["class"] == r["true_class"] for r in rows) == round(100 * run.data.metrics["test_accuracy"])
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pixels = synthetic.images_for(np.arange(3) % 10, np.random.default_rng(6)).transpose(0, 2, 3, 1).copy()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    predict_step.main(["--model-uri", "models:/tiny/1", "--images", str(folder)])
+    run = step_runs("predict")[0]
+    expected = mlflow.pyfunc.load_model("models:/tiny/1").predict(pixels)
+    assert run.info.status == "FINISHED" and run.data.metrics["errors"] == 1 and run.data.metrics["images"] == 4
+    assert "test_accuracy" not in run.data.metrics
+    for name in C.CLASS_NAMES:
+        assert run.data.metrics[f"count_{name}"] == list(expected["class"]).count(name)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in [
+        (["--model-uri", "models:/no-such-model@champion", "--images", str(folder)],
+         "cannot load model 'models:/no-such-model@champion'"),
+        (["--model-uri", "models:/tiny/1", "--images", str(empty)], "holds no files to score"),
+        (["--model-uri", "models:/tiny/1", "--images", str(tmp_path / "nowhere")], "does not exist"),
+        (["--model-uri", "models:/tiny/1", "--images", str(folder / "broken.jpg")], "none of the 1 file(s)"),
+    ]:
+        before = len(step_runs("predict"))
+        fails(predict_step, argv, capsys, message)
+        runs = step_runs("predict")
+        assert len(runs) == before + 1 and runs[0].info.status == "FAILED", message
 
 
 def test_payload_is_a_request_the_server_would_take(chain, tmp_path, capsys):
