@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from . import params
 from .errors import UserError
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "muon")
 LR_SCHEDULES = ("constant", "onecycle", "cosine", "triangle")
 PRECISIONS = ("fp32", "bf16")
 # A recipe's precision or channels_last may be HARDWARE: the train step decides on the device it trains on
@@ -31,7 +31,7 @@ class TrainConfig:
     epochs: int = 5  # passes over the training set
     batch_size: int = 32  # images per optimizer step
     learning_rate: float = 1e-3  # step size (the peak, when there is a schedule)
-    optimizer: str = "adam"  # adam | sgd (SGD with Nesterov momentum)
+    optimizer: str = "adam"  # adam | sgd (SGD with Nesterov momentum) | muon (Muon for conv filters, sgd for the rest)
     weight_decay: float = 0.0  # L2 penalty on conv and linear weights (never on biases or batch norm)
     lr_schedule: str = "constant"  # constant | onecycle (linear up, linear down to 0) | cosine (down to 0)
     #                                | triangle (linear from 0.2x up over the warm-up, then down to 0.07x)
@@ -47,6 +47,7 @@ class TrainConfig:
     crop_padding: int = 4  # pixels each way that augment's random crops move the image (edge mirrored in)
     alternating_flip: bool = False  # augment flips each image in every other epoch (random start), not at random
     budget_minutes: float = 0.0  # > 0: train as many steps as fit these minutes (measured first); epochs is ignored
+    filter_lr: float = 0.06  # muon: a conv filter bank's step per optimizer step, relative to its norm (the peak)
 
 
 RECIPES: dict[str, TrainConfig] = {
@@ -114,6 +115,7 @@ _PARSERS = {
     "crop_padding": lambda v: params.non_negative_int("crop_padding", v),
     "alternating_flip": lambda v: params.boolean("alternating_flip", v),
     "budget_minutes": lambda v: _non_negative_float("budget_minutes", v),
+    "filter_lr": lambda v: params.positive_float("filter_lr", v),
 }
 FIELDS = tuple(f.name for f in fields(TrainConfig))
 assert set(_PARSERS) == set(FIELDS), "every TrainConfig field needs a parser"

@@ -135,6 +135,18 @@ def param_groups(net: nn.Module, config: TrainConfig) -> list[dict]:
 
 def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(net, config)
+    if config.optimizer == "muon":  # the conv filter banks by Muon at filter_lr; the rest as with sgd
+        from .muon import Muon
+
+        split = []
+        for g in groups:
+            filters = [p for p in g["params"] if p.ndim == 4] if g["name"] == "weights" else []
+            rest = [p for p in g["params"] if not any(p is f for f in filters)]
+            if filters:
+                split.append({"params": filters, "name": "filters", "lr": config.filter_lr, "orthogonal": True})
+            if rest:
+                split.append({**g, "params": rest})
+        return Muon(split, momentum=config.momentum)
     if not config.weight_decay and config.bias_lr_scale == 1 and not any(g["name"] == "stem_bias" for g in groups):
         groups = [p for g in groups for p in g["params"]]  # one group: exactly the seed's optimizer
     if config.optimizer == "sgd":

@@ -295,7 +295,7 @@ def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_
         ("--learning-rate", "0", "learning_rate must be a finite number > 0, got '0'"),
         ("--device", "tpu", "device must be one of auto, cpu, cuda, mps; got 'tpu'"),
         ("--model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet, airnet; got 'vgg99'"),
-        ("--optimizer", "rmsprop", "optimizer must be one of adam, sgd; got 'rmsprop'"),
+        ("--optimizer", "rmsprop", "optimizer must be one of adam, sgd, muon; got 'rmsprop'"),
         ("--lr-schedule", "step", "lr_schedule must be one of constant, onecycle, cosine, triangle; got 'step'"),
         ("--label-smoothing", "1.5", "label_smoothing must be a number in [0, 1), got '1.5'"),
         ("--weight-decay", "-1", "weight_decay must be a finite number >= 0, got '-1'"),

@@ -287,3 +287,40 @@ def test_a_budget_ends_training_inside_an_epoch(monkeypatch):
                              on_plan=plans.append, on_checkpoint=saved.append)
     assert plans == [training.Plan(6, 4, 1.0, 3.0)] and len(history) == 2
     assert saved[-1]["total_steps"] == 6 and saved[-1]["scheduler"]["last_epoch"] == 6
+
+
+def test_orthogonalize_evens_out_the_singular_values():
+    from cifar10_cnn.muon import orthogonalize
+
+    g = torch.randn(64, 3 * 3 * 32) * torch.logspace(-1, 0, 64)[:, None]  # rows of very different sizes
+    for m in (g, g.T):
+        s = torch.linalg.svdvals(orthogonalize(m))
+        assert orthogonalize(m).shape == m.shape and 0.3 < s.min() and s.max() < 1.6, s
+
+
+def test_muon_steps_filters_by_a_fixed_fraction_and_the_rest_as_sgd():
+    torch.manual_seed(0)
+    net = models.build("airnet")
+    config = replace(recipes.RECIPES["fast"], optimizer="muon", filter_lr=0.05, weight_decay=1e-3)
+    optimizer = training.make_optimizer(net, config)
+    assert [g["name"] for g in optimizer.param_groups][0] == "filters"
+    assert {g["name"] for g in optimizer.param_groups} >= {"norm", "weights", "stem_bias"}
+    twin = models.build("airnet")
+    twin.load_state_dict(net.state_dict())
+    reference = torch.optim.SGD(training.param_groups(twin, config), lr=config.learning_rate,
+                                momentum=config.momentum, nesterov=True)
+    for _ in range(2):  # the same gradients into both, twice: momentum and weight decay included
+        for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+            if a.requires_grad:
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+        before = net.blocks[1].conv1.weight.detach().clone()
+        optimizer.step()
+        reference.step()
+    conv = net.blocks[1].conv1.weight.detach()
+    rescaled = before * len(before) ** 0.5 / before.norm()  # Muon first puts the bank back to norm sqrt(out)
+    step = (conv - rescaled).norm() / rescaled.norm()
+    assert step.item() == pytest.approx(0.05, rel=0.5)  # about filter_lr of its norm
+    for (name, a), b in zip(net.named_parameters(), twin.parameters(), strict=True):
+        if a.ndim != 4 and a.requires_grad:  # batch norm, head, whitening bias: torch's Nesterov SGD exactly
+            assert torch.allclose(a, b, atol=1e-6), name
