@@ -49,7 +49,8 @@ def model_card(
                "precision": train_params.get("precision_used", train_params.get("precision"))}  # after auto/budget
     hyper = ", ".join(f"{k} {trained[k]}" for k in ("epochs", "batch_size", "learning_rate", "lr_schedule",
                                                     "precision", "seed") if trained.get(k) is not None)
-    optimizer = {"sgd": "SGD (Nesterov)", "adam": "Adam"}.get(train_params.get("optimizer", ""), "?")
+    optimizer = {"sgd": "SGD (Nesterov)", "adam": "Adam",
+                 "muon": "Muon (conv filters) + SGD (Nesterov)"}.get(train_params.get("optimizer"), "?")
     classes = ", ".join(f"{c} {100 * a:.1f} %" for c, a in per_class.items())
     return "\n".join([
         f"**{model}** ({num_parameters:,} parameters), {flavor} flavor.",

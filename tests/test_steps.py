@@ -416,7 +416,7 @@ def test_main_parameters_resolve_the_recipe(store):
     raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
                resume_run_id="none", int8="true", reuse="false", nproc_per_node="1")
     p = check_main_params({**raw, "epochs": "3"})
-    assert p["train"]["model"] == "airnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "sgd"
+    assert p["train"]["model"] == "airnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "muon"
     assert p["train"]["precision"] == "auto"  # decided by the train step, on the device it trains on
     assert p["tta"] == "crops" and p["reuse"] is False and p["resume_run_id"] == "none"
     assert check_main_params({**raw, "recipe": "seed"})["tta"] == "false"

@@ -159,8 +159,8 @@ def test_fast_recipe_features_train_and_learn():
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(resume_after, monkeypatch):
     monkeypatch.setattr(training, "LOOKAHEAD_EVERY_IMAGES", 128)  # a pull every 2 steps of 64
     images, labels = data(n=256)
-    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1),
-                                NO_BF16_CPU)
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1,
+                                        lookahead=True), NO_BF16_CPU)  # Muon's state and the average, resumed
     assert config.lookahead and training.LOOKAHEAD_START_EPOCH < 4 <= config.epochs
     straight, history = fit(config, images, labels)
     saved = []
