@@ -51,10 +51,11 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
                      C.TAG_HARDWARE: hardware.describe(caps), **{C.TAG_DECISION + k: v for k, v in why.items()}})
     for key, reason in why.items():
         say("train", f"{key}: {reason}" if key != "warning" else f"WARNING: {reason}")
+    filters = f" (filters {config.filter_lr})" if config.optimizer == "muon" else ""
     say("train", f"{config.model}, {n_params:,} parameters, {len(dataset.train_labels):,} images on "
-                  f"{hardware.describe(caps)}; batch {config.batch_size}, {config.optimizer} lr {config.learning_rate} "
-                  f"({config.lr_schedule}), {config.precision}{', channels-last' if config.channels_last else ''}"
-                  + (", flip+crop" if config.augment else ""))
+                  f"{hardware.describe(caps)}; batch {config.batch_size}, {config.optimizer} lr {config.learning_rate}"
+                  f"{filters} ({config.lr_schedule}), {config.precision}"
+                  + (", channels-last" if config.channels_last else "") + (", flip+crop" if config.augment else ""))
     planned = [config.epochs]
 
     def on_plan(plan: training.Plan) -> None:
