@@ -61,7 +61,7 @@ RECIPES: dict[str, TrainConfig] = {
     # lr x weight_decay = 0.002 x batch / 1,024, batch-norm shifts at 64x the rate; label smoothing 0.2;
     # 2-pixel crops with alternating flips; no lookahead (Muon with it untried). Batch 512, not 1,024: on
     # 2 CPU cores an epoch costs 1.33x FastNet's instead of 1.5-1.6x (bench.models --recipes), and twice
-    # the steps. On Zen 3, seed 42: 88.70 % / 90.00 % with TTA in 10 epochs, where the same recipe with
+    # the steps. On Zen 3 (2026-11-28), seed 42: 88.70 % / 90.00 % with TTA in 10 epochs; the same recipe with
     # SGD, a triangle schedule and lookahead gave 88.40 / 89.14 (docs/models-and-recipes.md).
     "fast": TrainConfig(
         model="airnet", epochs=10, batch_size=512, learning_rate=0.75, optimizer="muon", filter_lr=0.06,

@@ -169,6 +169,13 @@ def main(argv=None):
         # A gloo group still alive when the interpreter exits can abort the process ("terminate called
         # without an active exception", SIGABRT; seen in CI on rank 1 while rank 0 was still logging).
         training.leave_distributed()
+    if rank != 0:
+        # A worker has no run or file left to close. Skip the interpreter's teardown, in which gloo's worker
+        # threads can still hold tensors and abort the process after its work is done (SIGABRT even after
+        # destroy_process_group, seen in CI; the mechanism is described in pytorch/pytorch#179291).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             torch.save({"state_dict": net.state_dict(), "losses": [h.loss for h in history]}, out)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # as steps/train.py's workers do: no interpreter teardown for gloo's threads to abort
 
 
 def test_two_gloo_processes_reach_the_weights_of_one_with_the_same_global_batch(tmp_path):
