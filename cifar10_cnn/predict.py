@@ -45,12 +45,10 @@ def classify(paths: list[Path], model: Model, batch_size: int = C.MAX_REQUEST_IM
             good.append((path, imagelib.load(path)))
         except imagelib.UnreadableImage as exc:
             results[path] = Result(path, error=str(exc))
-    for i in range(0, len(good), batch_size):
-        chunk = good[i : i + batch_size]
-        rows = model(np.stack([pixels for _, pixels in chunk])).to_dict("records")
-        for (path, _), row in zip(chunk, rows, strict=True):
-            results[path] = Result(path, row["class"], float(row["probability"]),
-                                   tuple(float(p) for p in row["probabilities"]))
+    if good:
+        names = [path for path, _ in good]
+        scored = classify_pixels(np.stack([pixels for _, pixels in good]), names, model, batch_size=batch_size)
+        results.update(zip(names, scored, strict=True))
     return [results[p] for p in paths]
 
 

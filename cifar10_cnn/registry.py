@@ -122,15 +122,14 @@ def _version(client: MlflowClient, name: str, ref: str) -> ModelVersion:
 
 
 def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
-    """The registered version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI names; None for other URIs."""
-    text = model_uri.strip()
-    if not text.startswith("models:/"):
+    """The registered version a `models:/NAME/VERSION` (or `@ALIAS`, `/latest`) URI names; None for other URIs."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    uri = model_uri.strip()
+    if not uri.startswith("models:/"):
         return None
-    path = text[len("models:/"):]
-    name, ref = path.split("@", 1) if "@" in path else (path.rsplit("/", 1) + [""])[:2]
-    if not name or not ref:
-        return None
-    return _version(client, name, ref)
+    found = get_model_name_and_version(client, uri)  # (model id,) for models:/<id>: not a registered version
+    return client.get_model_version(*found) if len(found) == 2 else None
 
 
 def promote(
