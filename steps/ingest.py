@@ -35,8 +35,8 @@ def run(data: str, expected_records: str) -> None:
     counts = {"classes": list(dataset.class_names), "train": dataset.class_counts("train"),
               "test": dataset.class_counts("test")}
     mlflow.log_dict(counts, "class_counts.json")
-    mlflow.log_figure(plots.sample_grid(dataset.train_images, dataset.train_labels, dataset.class_names),
-                      "samples.png")
+    mlflow.log_image(plots.sample_grid(dataset.train_images, dataset.train_labels, dataset.class_names),
+                     "samples.png")
     say("ingest", f"{sizes['train']:,} train / {sizes['test']:,} test images, sha256 {digest[:16]}…")
 
 

@@ -26,7 +26,19 @@ def test_figures_render_as_png():
     probs = rng.dirichlet(np.ones(10), size=60)
     history = [EpochResult(e, 2.0 / e, 0.1 * e, 1.0, 100.0) for e in (1, 2, 3)]
     confusion = np.diag([10] * 10)
-    for fig in (plots.sample_grid(images, labels, C.CLASS_NAMES), plots.training_curves(history),
+    grid = plots.sample_grid(images, labels, C.CLASS_NAMES, scale=3)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="png")
+    assert buffer.getvalue().startswith(b"\x89PNG")
+    # row c starts with the first image of class c, enlarged 3x, right of the names' column
+    margin, row = grid.width - (8 * 34 - 2) * 3, 34 * 3
+    assert grid.height == 10 * row - 6 and margin > 0
+    for c in (0, 9):
+        first = images[np.flatnonzero(labels == c)[0]].transpose(1, 2, 0)
+        cell = np.asarray(grid)[c * row : c * row + 96 : 3, margin : margin + 96 : 3]
+        assert np.array_equal(cell, first)
+    assert (np.asarray(grid)[:, : margin - 6] < 128).any()  # the class names are drawn in the margin
+    for fig in (plots.training_curves(history),
                 plots.confusion_matrix(confusion, C.CLASS_NAMES),
                 plots.per_class_accuracy(C.CLASS_NAMES, [0.5] * 10, 0.5),
                 plots.confident_mistakes(images, labels, probs, C.CLASS_NAMES)):
