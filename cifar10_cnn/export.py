@@ -14,30 +14,37 @@ from . import constants as C
 from .logs import quiet
 
 
-def to_onnx(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+def to_onnx(model: torch.nn.Module | torch.export.ExportedProgram, example: torch.Tensor) -> onnx.ModelProto:
     """Export `model` (uint8 NHWC in, logits out) with a symbolic batch dimension, and check the graph.
 
-    The example batch must hold at least 2 images: with 1, the exporter specializes the batch to 1.
+    `model` is a module (traced here) or a torch.export program (converted as it is: the PyTorch
+    flavor's, so both flavors come from one trace). The example batch must hold at least 2 images:
+    with 1, the exporter specializes the batch to 1.
     """
     if example.shape[0] < 2:
         raise ValueError("export needs an example batch of at least 2 images")
-    batch = torch.export.Dim("batch")
+    if isinstance(model, torch.export.ExportedProgram):
+        dynamic_shapes = None  # the program's own
+    else:
+        model, dynamic_shapes = model.eval(), {"images": {0: torch.export.Dim("batch")}}
     # The exporter warns once per torchvision operator it cannot register when torchvision is absent;
     # we use none of them.
     with quiet("torch.onnx._internal.exporter._registration"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
             program = torch.onnx.export(
-                model.eval(),
+                model,
                 (example,),
                 dynamo=True,
                 input_names=[C.SERVING_INPUT],
                 output_names=[C.SERVING_OUTPUT],
-                dynamic_shapes={"images": {0: batch}},
+                dynamic_shapes=dynamic_shapes,
                 verbose=False,
             )
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
+    if proto.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
+        raise ValueError("the exported model has a fixed batch size; trace it with a batch of at least 2")
     return proto
 
 

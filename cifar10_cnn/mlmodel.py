@@ -21,6 +21,8 @@ from .logs import quiet
 
 LOADER_MODULE = "cifar10_serving"  # the name serving.py has inside a logged model's code/ folder
 IMAGES_MODULE = "cifar10_images"  # and images.py, which it imports there under this name
+PYTORCH_DATA = "data"  # where mlflow.pytorch.save_model puts the network in a model folder
+PYTORCH_PROGRAM = f"{PYTORCH_DATA}/model.pt2"  # and the torch.export program there (pt2 format)
 
 
 class _Flavor:
@@ -63,25 +65,30 @@ def model_metadata(class_names) -> dict:
                       f"the network itself: {C.SERVING_OUTPUT} float32 [batch, {C.NUM_CLASSES}]"}
 
 
-def log_pytorch(model, example_nchw, class_names):
+def log_pytorch(model, example, class_names):
     """The PyTorch flavor (a torch.export program) of `model` (uint8 NHWC in, logits out), with its
-    signature from `example_nchw` (stored NCHW uint8; >= 2 images, or torch.export fixes the batch at 1)."""
+    signature from `example` (uint8 NHWC; >= 2 images, or torch.export fixes the batch at 1)."""
     import torch
     from mlflow.models import infer_signature
 
-    from .data import nhwc
-
-    example = nhwc(example_nchw)
     with torch.inference_mode():
         logits = model(torch.from_numpy(example)).numpy()
-    flavor = _Flavor(mlflow.pytorch.save_model, "pytorch", "data", class_names, C.MAX_REQUEST_IMAGES)
+    flavor = _Flavor(mlflow.pytorch.save_model, "pytorch", PYTORCH_DATA, class_names, C.MAX_REQUEST_IMAGES)
     return _log(flavor, C.PYTORCH_MODEL_NAME, model_metadata(class_names), pytorch_model=model,
                 signature=infer_signature(example, logits), input_example=example,
                 pip_requirements=[f"torch=={base_version(torch.__version__)}", *_common_requirements()],
                 serialization_format="pt2",
-                # MLflow would load the program again to try the example (0.6 s); the export step checks
-                # the logged model against the checkpoint on every test image instead.
+                # MLflow would load the program again to try the example (0.6 s); the export step loads
+                # it back itself and checks it against the checkpoint on every test image.
                 validate_serving_input=False)
+
+
+def pytorch_program(info):
+    """The torch.export program of a PyTorch flavor logged by `log_pytorch`, loaded back from its file."""
+    import torch
+
+    location = mlflow.get_logged_model(info.model_id).artifact_location.rstrip("/")
+    return torch.export.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{PYTORCH_PROGRAM}"))
 
 
 def log_onnx(proto, name: str, example, logits, class_names):

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from . import constants as C
 from .errors import UserError
-from .progress import interactive
+from .progress import interactive, say
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -111,18 +113,41 @@ def log_input(dataset, context: str, tags: dict, attempts: int = 3) -> None:
                 raise
 
 
-def upstream(run_id: str, step: str) -> Run:
-    """The FINISHED run of `step` with this id, or a UserError saying what is wrong with it."""
-    try:
-        run = mlflow.get_run(run_id)
-    except MlflowException:
-        raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+def upstream(run_id: str, step: str, wait_in_pipeline: bool = False) -> Run:
+    """The FINISHED run of `step` with this id, or a UserError saying what is wrong with it.
+
+    With `wait_in_pipeline`, a run that this run's own pipeline still runs beside it (main starts evaluate
+    and export together) is waited for; a run from anywhere else must have ended already.
+    """
+    run = _run(run_id, step)
+    if wait_in_pipeline and running_beside(run_id, step):
+        say(mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get(C.TAG_STEP, "step"),
+            f"waiting for the {step} run {run_id} to end")
+        while run.info.status == "RUNNING":
+            time.sleep(0.5)
+            run = _run(run_id, step)
     made_by = run.data.tags.get(C.TAG_STEP)
     if made_by != step:
         raise UserError(f"{step}_run_id {run_id} was made by {made_by or 'no pipeline step'!r}, not by {step!r}")
     if run.info.status != "FINISHED":
         raise UserError(f"{step}_run_id {run_id} ended {run.info.status}; use a FINISHED {step} run")
     return run
+
+
+def running_beside(run_id: str, step: str) -> bool:
+    """Whether the run of `step` is still RUNNING as a step of the active run's own pipeline (parent run)."""
+    run = _run(run_id, step)
+    if run.info.status != "RUNNING":
+        return False
+    parent = run.data.tags.get(C.TAG_PARENT_RUN)
+    return bool(parent) and parent == mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get(C.TAG_PARENT_RUN)
+
+
+def _run(run_id: str, step: str) -> Run:
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
 def artifact(run_id: str, path: str) -> Path:
@@ -209,3 +234,45 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
                 run.data.tags.get(k) == v for k, v in tags.items()):
             return run.info.run_id
     return None
+
+
+class Beside:
+    """A step of main (`start_step` runs it to its end) in a thread, so that the next one can start meanwhile.
+
+    `mlflow.projects.run(synchronous=False)` would start a whole `mlflow run` process per step (seconds
+    of imports); a thread waiting on the synchronous call costs nothing. Each thread has its own stack of
+    active runs, so the pipeline run is made active there too and the step nests under it as usual. If
+    main stops (Ctrl-C, SIGTERM, an error), the step's process is told by its parent-death signal.
+    """
+
+    def __init__(self, start_step, parent_run_id: str, experiment_id: str, entry_point: str):
+        self._outcome: list = []
+        self._where = (parent_run_id, experiment_id, entry_point)
+
+        def target():
+            try:
+                mlflow.start_run(run_id=parent_run_id)
+                self._outcome.append(start_step())
+            except BaseException as exc:  # handed to the main thread by result()
+                self._outcome.append(exc)
+
+        self._thread = threading.Thread(target=target, name=entry_point, daemon=True)
+        self._thread.start()
+
+    def run_id(self) -> str:
+        """The step's run id, as soon as MLflow has made the run (before its process starts)."""
+        parent_run_id, experiment_id, entry_point = self._where
+        query = (f"tags.`{C.TAG_PARENT_RUN}` = '{parent_run_id}' and "
+                 f"tags.`{C.TAG_ENTRY_POINT}` = '{entry_point}'")
+        while not (runs := mlflow.search_runs([experiment_id], query, output_format="list")):
+            if not self._thread.is_alive():
+                return self.result()  # it ended without a run: reused an earlier one, or failed to start
+            time.sleep(0.1)
+        return runs[0].info.run_id
+
+    def result(self) -> str:
+        """Wait for the step; its run id, or its error raised here."""
+        self._thread.join()
+        if isinstance(outcome := self._outcome[0], BaseException):
+            raise outcome
+        return outcome

@@ -1,5 +1,5 @@
-"""export: ONNX export with parity checks, then register the PyTorch and ONNX flavors (alias candidate),
-and an INT8 ONNX model when it loses at most a point."""
+"""export: log the PyTorch flavor and convert it to ONNX, check both against the checkpoint, then register
+them (alias candidate), and an INT8 ONNX model when it loses at most a point."""
 
 import mlflow
 import torch
@@ -15,25 +15,25 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     model_name = params.model_name(model_name)
     int8 = params.boolean("int8", int8)
     train_run, net, config = checkpoints.trained(params.run_id("train_run_id", train_run_id))
-    eval_run = tracking.upstream(params.run_id("evaluate_run_id", evaluate_run_id), "evaluate")
-    if eval_run.data.params.get("train_run_id") != train_run_id:
-        raise UserError(f"evaluate run {evaluate_run_id} evaluated train run "
-                        f"{eval_run.data.params.get('train_run_id')}, not {train_run_id}")
+    evaluate_run_id = params.run_id("evaluate_run_id", evaluate_run_id)
+    if not tracking.running_beside(evaluate_run_id, "evaluate"):  # checked now; if main runs it beside us, later
+        evaluation_of(train_run_id, evaluate_run_id)
     ingest_run_id = train_run.data.params["ingest_run_id"]
     dataset = tracking.dataset_of(ingest_run_id, ("train", "test") if int8 else ("test",))
     images = nhwc(dataset.test_images)
     model = models.RawPixelClassifier(net).eval()
 
-    # ONNX: export, check, and compare with PyTorch on every test image (one pass of each, kept).
-    proto = export.to_onnx(model, torch.from_numpy(images[:8]))
+    # One torch.export trace serves both flavors: MLflow traces the network into the PyTorch flavor
+    # (a pt2 program), and the ONNX model is converted from that program as loaded back from its file.
+    pytorch_info = mlmodel.log_pytorch(model, images[:4], dataset.class_names)
+    program = mlmodel.pytorch_program(pytorch_info)
+    proto = export.to_onnx(program, torch.from_numpy(images[:8]))
+    # Both, as logged, must compute what the checkpoint does, on every test image (one pass of each, kept).
     reference = export.outputs(export.torch_predictor(model), images)
     float_onnx = export.onnx_predictor(export.session(proto))
     onnx_logits = export.outputs(float_onnx, images)
     onnx_parity = export.parity(reference, onnx_logits)
-    # The PyTorch flavor as logged (a torch.export program) must compute what the checkpoint does.
-    pytorch_uri = train_run.data.tags[C.TAG_PYTORCH_MODEL_URI]
-    logged = export.torch_predictor(mlflow.pytorch.load_model(pytorch_uri))
-    pytorch_parity = export.parity(reference, export.outputs(logged, images))
+    pytorch_parity = export.parity(reference, export.outputs(export.torch_predictor(program.module()), images))
     mlflow.log_metrics({"onnx_max_abs_diff": onnx_parity.max_abs_diff, "onnx_max_abs_logit": onnx_parity.max_abs_logit,
                         "onnx_argmax_mismatches": onnx_parity.argmax_mismatches,
                         "pytorch_flavor_max_abs_diff": pytorch_parity.max_abs_diff,
@@ -48,10 +48,14 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     say("export", f"ONNX parity on {onnx_parity.images:,} test images: max |logit diff| "
                    f"{onnx_parity.max_abs_diff:.1e}, {onnx_parity.argmax_mismatches} differing predictions")
 
+    mlflow.set_tag(C.TAG_PYTORCH_MODEL_URI, pytorch_info.model_uri)
     onnx_info = mlmodel.log_onnx(proto, C.ONNX_MODEL_NAME, images[:4], onnx_logits[:4], dataset.class_names)
     onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
+    # What follows needs the evaluate run's results (main runs it beside this step), and INT8's speed is
+    # timed against float's once no other step shares the machine.
+    eval_run = evaluation_of(train_run_id, evaluate_run_id)
     int8_model = quantize(proto, float_onnx, dataset, images, float_accuracy) if int8 else None  # before registering
 
     # Register both flavors with the same tags, and a model card each.
@@ -59,12 +63,12 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     ingest_run = mlflow.get_run(ingest_run_id)
     tags = {"ingest_run_id": ingest_run_id, "train_run_id": train_run_id, "evaluate_run_id": evaluate_run_id,
             "export_run_id": export_run_id,
-            "pipeline_run_id": mlflow.get_run(export_run_id).data.tags.get("mlflow.parentRunId", ""),
+            "pipeline_run_id": mlflow.get_run(export_run_id).data.tags.get(C.TAG_PARENT_RUN, ""),
             "test_accuracy": f"{eval_run.data.metrics['test_accuracy']:.4f}",
             "dataset_sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""), "model": config.model,
             "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}"}
     onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
-    pt_version = registry.register(pytorch_uri, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
+    pt_version = registry.register(pytorch_info.model_uri, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
     onnx_version = registry.register(onnx_info.model_uri, onnx_name,
                                      {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
                                      C.CANDIDATE_ALIAS)
@@ -84,6 +88,15 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
         register_int8(int8_model, onnx_name + C.INT8_REGISTERED_SUFFIX,
                       {**tags, "flavor": "onnx-int8", "pytorch_version": pt_version.version,
                        "onnx_version": onnx_version.version}, facts)
+
+
+def evaluation_of(train_run_id: str, evaluate_run_id: str):
+    """The FINISHED evaluate run of this train run; waited for while the pipeline still runs it beside export."""
+    run = tracking.upstream(evaluate_run_id, "evaluate", wait_in_pipeline=True)
+    if run.data.params.get("train_run_id") != train_run_id:
+        raise UserError(f"evaluate run {evaluate_run_id} evaluated train run "
+                        f"{run.data.params.get('train_run_id')}, not {train_run_id}")
+    return run
 
 
 def quantize(proto, float_onnx, dataset, test_images, float_accuracy: float):

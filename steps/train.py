@@ -1,4 +1,4 @@
-"""train: train a network on the ingest run's data; log curves, checkpoints and the PyTorch model.
+"""train: train a network on the ingest run's data; log its curves and checkpoints (export logs the models).
 
 With --nproc-per-node N > 1 the step re-starts itself under torchrun (one process per shard,
 DistributedDataParallel); rank 0 logs to the MLflow run, the other ranks never open one.
@@ -11,7 +11,7 @@ from dataclasses import asdict
 import mlflow
 import torch
 
-from cifar10_cnn import checkpoints, hardware, mlmodel, models, params, plots, recipes, tracking, training
+from cifar10_cnn import checkpoints, hardware, models, params, plots, recipes, tracking, training
 from cifar10_cnn import constants as C
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
@@ -92,10 +92,6 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     if (rss := hardware.peak_rss_mib()) is not None:
         mlflow.log_metric("peak_rss_mib", rss)
     checkpoints.log_final(training.checkpoint(net, config, {}, history))
-    examples = dataset.test_images if len(dataset.test_images) >= 2 else dataset.train_images
-    info = mlmodel.log_pytorch(models.RawPixelClassifier(net).eval(), examples[:4], dataset.class_names)
-    mlflow.set_tag(C.TAG_PYTORCH_MODEL_URI, info.model_uri)
-    say("train", f"logged the PyTorch model as {info.model_uri}")
 
 
 def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, nproc_per_node: str, world: int,
@@ -109,7 +105,7 @@ def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, np
     if world > 1 and target.type == "cuda":
         target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
-    dataset = tracking.dataset_of(ingest_run_id, ("train", "test"))
+    dataset = tracking.dataset_of(ingest_run_id, ("train",))
     resume_run_id = str(resume_run_id).strip()
     if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
         resume = checkpoints.resumable(resume_run_id, ingest_run_id)

@@ -12,7 +12,9 @@ def exported():
     torch.manual_seed(0)
     model = models.RawPixelClassifier(models.build("simple_cnn")).eval()
     example = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    return model, export.to_onnx(model, example)
+    # As the export step does: the program MLflow's PyTorch flavor holds (batch left to torch.export), converted.
+    program = torch.export.export(model, (example,), dynamic_shapes=[{0: torch.export.Dim.AUTO}])
+    return model, export.to_onnx(program, example)
 
 
 def test_graph_takes_uint8_nhwc_with_a_symbolic_batch(exported):
@@ -47,6 +49,9 @@ def test_export_refuses_a_batch_of_one(exported):
     model, _ = exported
     with pytest.raises(ValueError, match="at least 2 images"):
         export.to_onnx(model, torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    fixed = torch.export.export(model, (torch.zeros(2, 32, 32, 3, dtype=torch.uint8),))  # batch fixed at 2
+    with pytest.raises(ValueError, match="fixed batch size"):
+        export.to_onnx(fixed, torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("name", ["vgg11", "vgg16", "resnet18", "fastnet", "airnet"])

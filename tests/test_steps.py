@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from PIL import Image
 
 from bench.serve import load_test
 from cifar10_cnn import constants as C
-from cifar10_cnn import hardware, recipes, synthetic
+from cifar10_cnn import hardware, recipes, synthetic, tracking
 from cifar10_cnn import images as imagelib
 from cifar10_cnn.errors import UserError
 from steps import evaluate, export, ingest, main, train
@@ -82,7 +83,7 @@ def test_ingest_logs_dataset_counts_and_samples(chain):
     assert counts["train"] == [20] * 10 and counts["classes"] == list(C.CLASS_NAMES)
 
 
-def test_train_logs_curves_checkpoint_and_model(chain):
+def test_train_logs_curves_and_checkpoint(chain):
     run = mlflow.get_run(chain["train"])
     assert run.info.status == "FINISHED"
     p = run.data.params
@@ -96,15 +97,6 @@ def test_train_logs_curves_checkpoint_and_model(chain):
     ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=C.CHECKPOINT_PATH),
                       weights_only=True)
     assert ckpt["model"] == "simple_cnn" and ckpt["config"]["epochs"] == 2
-    model = mlflow.pytorch.load_model(run.data.tags[C.TAG_PYTORCH_MODEL_URI])
-    images = synthetic.images_for(np.arange(5) % 10, np.random.default_rng(0)).transpose(0, 2, 3, 1).copy()
-    assert model(torch.from_numpy(images)).shape == (5, 10)
-    info = mlflow.models.get_model_info(run.data.tags[C.TAG_PYTORCH_MODEL_URI])
-    # No input schema for the pyfunc (MLflow would truncate floats before our checks); the network's
-    # own signature is kept in the metadata, and our loader answers pyfunc calls.
-    assert info.signature is None and info.flavors["python_function"]["loader_module"] == "cifar10_serving"
-    spec = json.loads(info.metadata["network_signature"]["inputs"])[0]["tensor-spec"]
-    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 32, 32, 3]
 
 
 def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
@@ -117,6 +109,23 @@ def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
     assert np.array(ev["confusion"]).sum() == 100
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "per_class_accuracy.png", "confident_mistakes.png"} <= names
+
+
+def test_export_logs_the_pytorch_flavor_as_a_program_with_our_loader(chain):
+    export_run = mlflow.get_run(chain["export"])
+    model = mlflow.pytorch.load_model(export_run.data.tags[C.TAG_PYTORCH_MODEL_URI])
+    images = synthetic.images_for(np.arange(5) % 10, np.random.default_rng(0)).transpose(0, 2, 3, 1).copy()
+    assert model(torch.from_numpy(images)).shape == (5, 10)
+    info = mlflow.models.get_model_info(export_run.data.tags[C.TAG_PYTORCH_MODEL_URI])
+    # No input schema for the pyfunc (MLflow would truncate floats before our checks); the network's
+    # own signature is kept in the metadata, and our loader answers pyfunc calls.
+    assert info.signature is None and info.flavors["python_function"]["loader_module"] == "cifar10_serving"
+    spec = json.loads(info.metadata["network_signature"]["inputs"])[0]["tensor-spec"]
+    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 32, 32, 3]
+
+    # train leaves the checkpoint; export logs every flavor, this one included
+    logged = mlflow.search_logged_models(experiment_ids=[export_run.info.experiment_id], output_format="list")
+    assert {m.source_run_id for m in logged} == {chain["export"]} and len(logged) >= 2
 
 
 def test_export_registers_both_flavors_matched_and_aliased(chain):
@@ -334,6 +343,28 @@ def test_train_rejects_a_missing_run(chain, capsys):
 def test_export_rejects_an_evaluation_of_another_train_run(chain, capsys):
     fails(export, ["--train-run-id", chain["train"], "--evaluate-run-id", chain["ingest"]], capsys,
           "was made by 'ingest', not by 'evaluate'")
+
+
+def test_export_waits_only_for_an_evaluate_run_of_its_own_pipeline(store):
+    """main runs evaluate beside export: export waits for such a run to end, and for no other."""
+    client = MlflowClient()
+    pipeline = client.create_run("0").info.run_id
+
+    def step_run(step, parent):
+        return client.create_run("0", tags={C.TAG_STEP: step, **({C.TAG_PARENT_RUN: parent} if parent else {})})
+    sibling, stranger = step_run("evaluate", pipeline).info.run_id, step_run("evaluate", None).info.run_id
+    with mlflow.start_run(run_id=step_run("export", pipeline).info.run_id):
+        assert tracking.running_beside(sibling, "evaluate") and not tracking.running_beside(stranger, "evaluate")
+        with pytest.raises(UserError, match="ended RUNNING"):  # not waited for: no pipeline of ours runs it
+            tracking.upstream(stranger, "evaluate", wait_in_pipeline=True)
+        timer = threading.Timer(1.0, client.set_terminated, (sibling, "FINISHED"))
+        timer.start()
+        start = time.monotonic()
+        assert tracking.upstream(sibling, "evaluate", wait_in_pipeline=True).info.status == "FINISHED"
+        assert time.monotonic() - start >= 0.9  # it waited for the run to end
+        client.set_terminated(stranger, "FAILED")
+        with pytest.raises(UserError, match="ended FAILED"):
+            tracking.upstream(stranger, "evaluate", wait_in_pipeline=True)
 
 
 def test_ingest_missing_data_fails_and_caches_nothing(store, tmp_path, capsys):
