@@ -416,6 +416,40 @@ def test_main_rejects_bad_input_before_any_step(store, capsys, argv, message):
     assert MlflowClient().search_registered_models() == []
 
 
+def test_main_runs_evaluate_beside_export_and_names_a_failed_evaluate(store, archive, monkeypatch, capsys):
+    """Export starts before evaluate ends, with evaluate's run id; when evaluate fails, that is what main
+    reports (export, which waited for it, fails too). mlflow.projects.run is replaced by a fake that makes
+    the nested run as MLflow does, then plays the step."""
+    client, started = MlflowClient(), []
+    evaluate_done = threading.Event()
+
+    def fake_projects_run(uri, entry_point, parameters, experiment_id, **_):
+        run = client.create_run(experiment_id, tags={C.TAG_PARENT_RUN: mlflow.active_run().info.run_id,
+                                                      C.TAG_ENTRY_POINT: entry_point, C.TAG_STEP: entry_point})
+        started.append((entry_point, parameters, evaluate_done.is_set()))
+        if entry_point == "evaluate":
+            time.sleep(1.0)  # export must have started by now
+            client.set_terminated(run.info.run_id, "FAILED")
+            evaluate_done.set()
+            raise mlflow.exceptions.ExecutionException("evaluate failed")
+        if entry_point == "export":
+            evaluate_done.wait(10)  # as export waits for its sibling, then finds it FAILED
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise mlflow.exceptions.ExecutionException("export failed")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info
+
+    monkeypatch.setattr(mlflow.projects, "run", fake_projects_run)
+    fails(main, ["--data", str(archive), "--reuse", "false"], capsys, "step evaluate failed")
+    names = [name for name, _, _ in started]
+    assert names == ["ingest", "train", "evaluate", "export"]
+    (evaluate_id,) = [r.info.run_id for r in step_runs("evaluate")]
+    export_params, evaluate_had_ended = started[3][1:]
+    assert export_params["evaluate_run_id"] == evaluate_id and not evaluate_had_ended
+    (parent,) = step_runs("main")
+    assert parent.info.status == "FAILED"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_main_rejects_cuda_without_a_gpu(store, capsys):
     fails(main, ["--device", "cuda"], capsys, "device 'cuda' was requested but torch sees no CUDA GPU")
