@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -13,11 +12,20 @@ from . import constants as C
 from .errors import UserError
 
 
-def register(model_uri: str, name: str, tags: dict, alias: str | None) -> ModelVersion:
-    """Register `model_uri` as a new version of `name` (created if missing), tag it, point `alias` at it."""
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+def register(model, name: str, tags: dict, alias: str | None) -> ModelVersion:
+    """Register the logged `model` (a ModelInfo) as a new version of `name` (created if missing), tag it,
+    point `alias` at it. Through the client: mlflow.register_model prints two lines per version to
+    stderr, which the export step's own line says again."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # made by an earlier run: fine
+            raise
+    version = client.create_model_version(name, model.model_uri, run_id=model.run_id,
+                                          tags={k: str(v) for k, v in tags.items()}, model_id=model.model_id)
     if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version.version)
+        client.set_registered_model_alias(name, alias, version.version)
     return version
 
 

@@ -68,8 +68,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
             "dataset_sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""), "model": config.model,
             "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}"}
     onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
-    pt_version = registry.register(pytorch_info.model_uri, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
-    onnx_version = registry.register(onnx_info.model_uri, onnx_name,
+    pt_version = registry.register(pytorch_info, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
+    onnx_version = registry.register(onnx_info, onnx_name,
                                      {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
                                      C.CANDIDATE_ALIAS)
     client = mlflow.MlflowClient()
@@ -137,7 +137,7 @@ def register_int8(int8_model, registered_name: str, tags: dict, facts: dict) -> 
         say("export", f"INT8 model not registered: it loses {drop:.2f} points (limit {C.INT8_MAX_DROP_POINTS})")
         return
     # Its own figures: the version's test_accuracy is the INT8 model's, the float model's stays beside it.
-    version = registry.register(info.model_uri, registered_name,
+    version = registry.register(info, registered_name,
                                 {**tags, "test_accuracy": f"{measured['accuracy']:.4f}",
                                  "float_test_accuracy": tags["test_accuracy"],
                                  "int8_accuracy_drop_points": f"{drop:.2f}"}, C.CANDIDATE_ALIAS)
