@@ -25,7 +25,7 @@ import torch
 from bench import bookkeeping, seed_recipe
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
-from cifar10_cnn import evaluation, export, models, synthetic, training
+from cifar10_cnn import evaluation, export, models, recipes, sources, synthetic, training
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -35,9 +35,9 @@ def load(args) -> tuple[datalib.Cifar10, Path, str]:
     """The dataset, the archive or folder it came from, and the expected_records to pass on."""
     if args.quick:
         path = synthetic.write_archive(Path(args.workdir) / C.ARCHIVE_NAME, synthetic.batch_files(200, 500))
-        return datalib.read(datalib.Source(path, "archive", str(path)), None), path, "any"
+        return datalib.read(sources.Source(path, "archive", str(path)), None), path, "any"
     cache = Path(os.environ.get(C.CACHE_DIR_ENV, ROOT / C.DEFAULT_CACHE_DIR))
-    source = datalib.resolve_source(args.data, cache)
+    source = sources.resolve_source(args.data, cache)
     return datalib.read(source), source.path, "50000,10000"
 
 
@@ -55,9 +55,8 @@ def bench_seed(ds, epochs) -> dict:
 
 
 def bench_ours(ds, epochs, device="cpu") -> tuple[dict, torch.nn.Module]:
-    config = training.TrainConfig(epochs=epochs)
-    training.seed_everything(config.seed)
-    net = models.build(config.model)
+    config = recipes.TrainConfig(epochs=epochs)
+    net = models.build(config.model, seed=config.seed)
     target = torch.device(device)
     history = training.train(net, torch.from_numpy(ds.train_images), torch.from_numpy(ds.train_labels).long(),
                              config, target)
@@ -79,7 +78,7 @@ def bench_interleaved(ds, rounds: int, block: int) -> dict:
         secs, _, _ = seed_recipe.train_and_test(x, y, ds.test_images[:32], ds.test_labels[:32], epochs=1)
         seed.append(len(y) / secs[0])
         history = training.train(models.build("simple_cnn"), torch.from_numpy(x), torch.from_numpy(y).long(),
-                                 training.TrainConfig(epochs=1), torch.device("cpu"))
+                                 recipes.TrainConfig(epochs=1), torch.device("cpu"))
         ours.append(history[0].images_per_s)
     ratios = sorted(o / s for o, s in zip(ours, seed, strict=True))
     return {"seed_images_per_s": seed, "ours_images_per_s": ours, "ratios": ratios,
@@ -128,7 +127,7 @@ def machine() -> str:
 
 
 def report(r: dict) -> str:
-    seed, ours, run, inf = r["seed"], r["ours"], r["mlflow_run"], r["inference"]
+    seed, ours, run, inf = r["seed"], r["ours"], r.get("mlflow_run"), r["inference"]
     rows = [
         f"machine: {r['machine']}",
         f"data: {r['data']}  ({r['train_images']:,} train / {r['test_images']:,} test images, {r['epochs']} epochs, "
@@ -149,7 +148,6 @@ def report(r: dict) -> str:
                     f"{g['train_s']:.1f} | {g['loss']:.4f} | {g['accuracy']:.2%} |")
     else:
         rows.append("| (b) on CUDA | no CUDA device on this machine | | | | |")
-    steps = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(run["step_s"].items(), key=lambda kv: kv[0] != "main"))
     il = r["interleaved"]
     rows += [
         "",
@@ -159,11 +157,18 @@ def report(r: dict) -> str:
         f"ratio b/a median **{il['median_ratio']:.2f}x** "
         f"(min {il['ratios'][0]:.2f}, max {il['ratios'][-1]:.2f})",
         "",
-        f"whole `mlflow run . -P epochs={r['epochs']}` (4 steps + registration, fresh store): {run['wall_s']:.1f} s = "
-        f"**{run['wall_s'] / seed['train_s']:.2f}x** the seed recipe's training time alone ({seed['train_s']:.1f} s)",
-        f"  runs as recorded by MLflow: {steps}; of train, {run['train_epochs_s']:.1f} s are epochs",
-        f"  train step peak RSS: {run['train_peak_rss_mib']:.0f} MiB",
-        "",
+    ]
+    if run:
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(run["step_s"].items(), key=lambda kv: kv[0] != "main"))
+        rows += [
+            f"whole `mlflow run . -P epochs={r['epochs']}` (4 steps + registration, fresh store): "
+            f"{run['wall_s']:.1f} s = **{run['wall_s'] / seed['train_s']:.2f}x** the seed recipe's training time "
+            f"alone ({seed['train_s']:.1f} s)",
+            f"  runs as recorded by MLflow: {steps}; of train, {run['train_epochs_s']:.1f} s are epochs",
+            f"  train step peak RSS: {run['train_peak_rss_mib']:.0f} MiB",
+            "",
+        ]
+    rows += [
         "| inference | batch 1 images/s | batch 1 median ms | batch 1 p99 ms | batch 256 images/s |",
         "|---|---|---|---|---|",
     ]
@@ -183,6 +188,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small synthetic data, 1 epoch: a smoke run")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-run", action="store_true",
+                        help="leave out the whole `mlflow run` (python -m bench.bookkeeping times it on its own)")
     args = parser.parse_args(argv)
     epochs = 1 if args.quick else args.epochs
     with tempfile.TemporaryDirectory() as workdir:
@@ -199,7 +206,8 @@ def main(argv=None) -> dict:
             results["gpu"], _ = bench_ours(ds, epochs, device="cuda")
             results["gpu"]["device"] = torch.cuda.get_device_name()
         results["inference"] = bench_inference(model, ds, calls=100 if args.quick else 2000)
-        results["mlflow_run"] = bench_mlflow_run(path, expected, epochs, Path(workdir))
+        if not args.no_run:
+            results["mlflow_run"] = bench_mlflow_run(path, expected, epochs, Path(workdir))
     print(report(results), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

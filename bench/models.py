@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar10_cnn import hardware, models, recipes, synthetic, training
+from cifar10_cnn import augment, hardware, models, optimizers, recipes, synthetic, training
 
 EPOCH_IMAGES = 50_000
 # The fast recipe as it was before AirNet (2026-11, FastNet 48/96/192), for the epoch-cost comparison; its
@@ -46,7 +46,7 @@ def images_per_second(name: str, precision: str, channels_last: bool, batch: int
     net = models.build(name).to(device).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = training.make_optimizer(net, config)
+    optimizer = optimizers.make_optimizer(net, config)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -54,7 +54,7 @@ def images_per_second(name: str, precision: str, channels_last: bool, batch: int
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        x = models.normalize(training.flip_crop(images, config.crop_padding, generator))
+        x = models.normalize(augment.flip_crop(images, config.crop_padding, generator))
         x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(net(x), labels, label_smoothing=0.2)
@@ -80,8 +80,7 @@ def recipe_epochs(device: torch.device, images: int, rounds: int) -> dict:
     rates: dict[str, list[float]] = {k: [] for k in configs}
     for i in range(rounds + 1):
         for name, config in configs.items():
-            training.seed_everything(0)
-            history = training.train(models.build(config.model), x, labels, config, device)
+            history = training.train(models.build(config.model, seed=0), x, labels, config, device)
             if i:  # round 0 pays one-off set-up
                 rates[name].append(history[0].images_per_s)
         if i:
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    device = training.select_device(args.device)
+    device = hardware.select_device(args.device)
     caps = hardware.capabilities(device)
     print(f"date {datetime.date.today()}; {hardware.describe(caps)}, {os.cpu_count()} cores; torch "
           f"{torch.__version__}")

@@ -184,6 +184,20 @@ def log_untrained(network: str, workdir: Path) -> tuple[str, dict]:
     return info.model_uri, {**os.environ, "MLFLOW_TRACKING_URI": uri}
 
 
+def measure(url: str, images: np.ndarray, quick: bool) -> dict:
+    """Latency of 1 and 256 images in each kind of request body, a bounded load test, and the answer to one
+    image too many, from the model server at `url`. `quick`: a few requests of each (the test suite's)."""
+    from cifar10_cnn import constants as C
+
+    repeats = {1: 3, 256: 2} if quick else {1: 200, 256: 40}
+    load = {"requests": 40, "concurrency": 4, "time_limit_s": 30} if quick else \
+        {"requests": 1000, "concurrency": 8, "time_limit_s": 60}
+    rows = {kind: {n: latency(url, payload, n, r) for n, r in repeats.items()
+                   for payload in [bodies(images[:n])[kind]]} for kind in KINDS}
+    return {"latency": rows, "load": load_test(url, images, **load),
+            "oversized_batch_status": post(url, body(np.zeros((C.MAX_REQUEST_IMAGES + 1, 32, 32, 3), np.uint8)))[0]}
+
+
 def free_port() -> int:
     import socket
 
@@ -200,9 +214,6 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few requests only")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    repeats = {1: 5, 256: 3} if args.quick else {1: 200, 256: 40}
-    load = {"requests": 40, "concurrency": 4, "time_limit_s": 30} if args.quick else \
-        {"requests": 1000, "concurrency": 8, "time_limit_s": 60}
     images = np.random.default_rng(1).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     from cifar10_cnn import constants as C
     from cifar10_cnn import hardware
@@ -221,11 +232,8 @@ def main(argv=None) -> int:
             workdir = Path(tmp) / "serve"
             workdir.mkdir(exist_ok=True)
             with server(uri, free_port(), env, workdir) as url:
-                rows = {kind: {n: latency(url, payload, n, r) for n, r in repeats.items()
-                               for payload in [bodies(images[:n])[kind]]} for kind in KINDS}
-                loaded = load_test(url, images, **load)
-                too_big = post(url, body(np.zeros((C.MAX_REQUEST_IMAGES + 1, 32, 32, 3), np.uint8)))[0]
-            results[label] = {"latency": rows, "load": loaded, "oversized_batch_status": too_big}
+                results[label] = measure(url, images, args.quick)
+            rows, loaded, too_big = (results[label][k] for k in ("latency", "load", "oversized_batch_status"))
             print(f"\n{label}")
             for kind, by_size in rows.items():
                 for n, r in by_size.items():

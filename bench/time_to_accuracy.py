@@ -24,12 +24,11 @@ import torch
 from bench.bench import mean_std
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
-from cifar10_cnn import evaluation, hardware, models, recipes, synthetic, training
+from cifar10_cnn import evaluation, hardware, models, recipes, sources, synthetic, training
 
 
 def run_once(ds: datalib.Cifar10, config: recipes.TrainConfig, device: torch.device, tta: str) -> list[dict]:
-    training.seed_everything(config.seed)
-    net = models.build(config.model)
+    net = models.build(config.model, seed=config.seed)
     test_images = torch.from_numpy(ds.test_images).to(device).permute(0, 2, 3, 1)  # NHWC, as served
     test_labels = torch.from_numpy(ds.test_labels)
     rows, elapsed, planned = [], [0.0], [config.epochs]
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    device = training.select_device(args.device)
+    device = hardware.select_device(args.device)
     config = recipes.resolve(args.recipe, dict(item.split("=", 1) for item in args.set))
     if args.epochs:
         config = replace(config, epochs=args.epochs, warmup_epochs=min(config.warmup_epochs, args.epochs))
@@ -85,10 +84,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             path = synthetic.write_archive(Path(tmp) / C.ARCHIVE_NAME, synthetic.batch_files(100, 200))
-            ds = datalib.read(datalib.Source(path, "archive", str(path)), None)
+            ds = datalib.read(sources.Source(path, "archive", str(path)), None)
             config = replace(config, epochs=2, batch_size=64, warmup_epochs=1)
         else:
-            ds = datalib.read(datalib.resolve_source(args.data, datalib.cache_dir()))
+            ds = datalib.read(sources.resolve_source(args.data, sources.cache_dir()))
     print(f"{hardware.machine_line()}; device {hardware.describe(caps) if caps.device != 'cpu' else 'the CPU'}")
     print(f"precision {config.precision}, channels_last {config.channels_last}" +
           "".join(f"; {k}: {v}" for k, v in why.items()))

@@ -1,18 +1,48 @@
-"""Checkpoints in the tracking store: one per epoch while training (resumable), the final one for the
-steps after train. The file format itself is training.checkpoint / training.rebuild."""
+"""Checkpoints: their format (self-describing, so a checkpoint rebuilds its own network), one per epoch in the
+tracking store while training (resumable), and the final one that the steps after train read."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 import torch
+from torch import nn
 
 from . import constants as C
-from . import params, tracking, training
+from . import models, params, tracking
 from .errors import UserError
 from .progress import say
+from .recipes import TrainConfig
+
+FORMAT = 2  # bump when the checkpoint's keys change
+
+
+def snapshot(net: nn.Module, config: TrainConfig, history: list, state: dict | None = None) -> dict:
+    """The network's weights (a copy on the CPU), what it is and how it was trained; `state` (the optimizer,
+    schedule and random-number states that training.train hands its on_checkpoint) makes it resumable."""
+    return {
+        "format": FORMAT,
+        "model": config.model,
+        "model_kwargs": {},
+        "config": asdict(config),
+        # clone: a snapshot, not a view of weights that go on training
+        "state_dict": {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                       for k, v in net.state_dict().items()},
+        "history": [asdict(h) for h in history],
+        **(state or {}),
+    }
+
+
+def rebuild(ckpt: dict) -> tuple[nn.Module, TrainConfig]:
+    """The network (in eval mode, on the CPU) and the config a checkpoint was trained with."""
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"checkpoint format {ckpt.get('format')!r} is not {FORMAT}; retrain")
+    net = models.build(ckpt["model"], **ckpt["model_kwargs"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), TrainConfig(**ckpt["config"])
 
 
 def log_epoch_checkpoint(state: dict) -> None:
@@ -55,7 +85,7 @@ def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
     for name in sorted(names, reverse=True):  # zero-padded epoch numbers: newest first
         try:
             state = torch.load(tracking.artifact(resume_run_id, name), map_location="cpu", weights_only=True)
-            if state.get("format") != training.CHECKPOINT_FORMAT:
+            if state.get("format") != FORMAT:
                 raise ValueError(f"format {state.get('format')!r}")
         except Exception as exc:  # e.g. a file cut short by the kill: fall back to the epoch before
             say("train", f"skipping unusable checkpoint {name} of run {resume_run_id}: {exc}")
@@ -73,5 +103,5 @@ def trained(train_run_id: str):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"checkpoint of train run {train_run_id} is unreadable ({path}): {exc}") from None
-    net, config = training.rebuild(ckpt)
+    net, config = rebuild(ckpt)
     return run, net, config

@@ -12,6 +12,7 @@ BATCH_DIR = "cifar-10-batches-bin"
 TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_BATCH = "test_batch.bin"
 META_FILE = "batches.meta.txt"
+FILES = (*TRAIN_BATCHES, TEST_BATCH, META_FILE)  # what we read of the batch folder, in this order
 
 IMAGE_SHAPE = (3, 32, 32)  # channels, height, width: the order of the bytes in a record
 IMAGE_BYTES = 3 * 32 * 32  # 1024 red, 1024 green, 1024 blue, each row-major 32x32

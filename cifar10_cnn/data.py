@@ -1,8 +1,9 @@
-"""CIFAR-10 in the official *binary* layout: find it, fetch it, read it, check it.
+"""CIFAR-10 in the official *binary* layout: read it, check it, and hand it from step to step.
 
-The archive is read member by member straight from the gzip stream into memory; nothing is ever
-extracted to disk, so a hostile member cannot write anywhere, and it is rejected all the same.
-The python-format batches are never touched: unpickling them can execute code.
+(Where it comes from, a path or a download, is sources.py's job.) The archive is read member by member
+straight from the gzip stream into memory; nothing is ever extracted to disk, so a hostile member
+cannot write anywhere, and it is rejected all the same. The python-format batches are never touched:
+unpickling them can execute code.
 
 Images are kept as one uint8 array per split, NCHW `[N, 3, 32, 32]`, which is the byte order of a
 record (1024 red, 1024 green, 1024 blue), so reading needs no transpose.
@@ -12,13 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import posixpath
-import shutil
 import tarfile
-import tempfile
-import urllib.parse
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as C
+from .atomic import replacing
 from .errors import UserError
 from .progress import bar
+from .sources import GZIP_MAGIC, Source
 
-_GZIP_MAGIC = b"\x1f\x8b"
 _MAX_BATCH_RECORDS = 10_000  # the official files hold exactly this many; more is not CIFAR-10
 _MAX_META_BYTES = 4096
 _CHUNK = 1 << 20
@@ -59,142 +55,9 @@ class Cifar10:
         return np.bincount(labels, minlength=C.NUM_CLASSES).tolist()
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where the data comes from: a local archive or an extracted folder, and the URL if downloaded."""
-
-    path: Path
-    kind: str  # "archive" | "directory"
-    origin: str  # what to record as the dataset's source: a URL or an absolute path
-
-
-# --- finding the data --------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept between runs ($CIFAR10_DATA_DIR, else ./data)."""
-    return Path(os.environ.get(C.CACHE_DIR_ENV, C.DEFAULT_CACHE_DIR))
-
-
 def nhwc(images_nchw: np.ndarray) -> np.ndarray:
     """Stored NCHW uint8 -> the NHWC uint8 that the logged models take."""
     return np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
-
-
-def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: bool = True) -> Source | None:
-    """Turn the `data` parameter into a local archive or folder, downloading when it is a URL.
-
-    'auto': the cached copy under `cache_dir` if present, else the archive named by $CIFAR10_ARCHIVE,
-    else the official download (md5-checked). Otherwise `data` is a URL, an archive path or a folder.
-    With `fetch=False` nothing is downloaded: a source that needs a download returns None, so a
-    caller can check the parameter cheaply before any work starts.
-    """
-    env = os.environ if env is None else env
-    data = str(data).strip()
-    if not data:
-        raise UserError("data must be 'auto', a URL, an archive path or a folder; got an empty string")
-    if data == "auto":
-        cached = cache_dir / C.ARCHIVE_NAME
-        if cached.is_file():
-            return Source(cached.resolve(), "archive", C.OFFICIAL_URL)
-        if env.get(C.ARCHIVE_ENV):
-            path = Path(env[C.ARCHIVE_ENV]).expanduser()
-            if not path.exists():
-                raise UserError(f"{C.ARCHIVE_ENV} names {path.resolve()}, which does not exist")
-            return _local_source(path)
-        if not fetch:
-            return None
-        return Source(download(C.OFFICIAL_URL, cached, md5=C.OFFICIAL_MD5), "archive", C.OFFICIAL_URL)
-    scheme = urllib.parse.urlparse(data).scheme
-    if scheme in ("http", "https"):
-        return Source(_download_cached(data, cache_dir), "archive", data) if fetch else None
-    if scheme == "file":
-        data = urllib.request.url2pathname(urllib.parse.urlparse(data).path)
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise UserError(f"data: {path.resolve()} does not exist")
-    return _local_source(path)
-
-
-def cifar10_at(path: Path) -> Source | None:
-    """`path` as CIFAR-10: a gzip archive, or a folder holding the test batch (or its batch folder); else None."""
-    path = Path(path).resolve()
-    if path.is_file():
-        with path.open("rb") as fh:
-            return Source(path, "archive", str(path)) if fh.read(2) == _GZIP_MAGIC else None
-    if any((folder / C.TEST_BATCH).is_file() for folder in (path / C.BATCH_DIR, path)):
-        return Source(path, "directory", str(path))
-    return None
-
-
-def source_digest(source: Source) -> str:
-    """sha256 of what ingest would read: the archive's bytes, or the folder's CIFAR-10 files in order.
-
-    Cheap next to reading (one pass, no decompression), so main can tell whether the data changed.
-    """
-    h = hashlib.sha256()
-    if source.kind == "archive":
-        with source.path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
-    folder = source.path / C.BATCH_DIR if (source.path / C.BATCH_DIR).is_dir() else source.path
-    for short in _wanted_members().values():
-        file = folder / short
-        h.update(short.encode() + b"\0")
-        if file.is_file():
-            h.update(file.read_bytes())
-    return h.hexdigest()
-
-
-def _local_source(path: Path) -> Source:
-    path = path.resolve()
-    if path.is_dir():
-        return Source(path, "directory", str(path))
-    if not path.is_file():
-        raise UserError(f"data: {path} is neither a regular file nor a folder")
-    return Source(path, "archive", str(path))
-
-
-def _download_cached(url: str, cache_dir: Path) -> Path:
-    name = posixpath.basename(urllib.parse.urlparse(url).path) or C.ARCHIVE_NAME
-    key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    dest = cache_dir / (C.ARCHIVE_NAME if url == C.OFFICIAL_URL else f"{key}-{name}")
-    if dest.is_file():  # only ever renamed into place once complete (and md5-checked if official)
-        return dest.resolve()
-    return download(url, dest, md5=C.OFFICIAL_MD5 if url == C.OFFICIAL_URL else None)
-
-
-def download(url: str, dest: Path, md5: str | None = None, timeout_s: float = 60.0) -> Path:
-    """Stream `url` to a temporary file beside `dest`, check the md5, then rename into place.
-
-    An interrupted or failed download leaves no file named `dest`, so a later run never takes a
-    partial file for good data.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response, os.fdopen(fd, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with bar(total=total, desc=f"download {dest.name}", unit="B", unit_scale=True) as pbar:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        pbar.update(len(chunk))
-        except OSError as exc:  # URLError, HTTPError, timeouts and socket errors are all OSErrors
-            raise UserError(f"data: could not download {url}: {exc}") from None
-        if md5 is not None and digest.hexdigest() != md5:
-            raise UserError(
-                f"data: {url} downloaded with md5 {digest.hexdigest()}, expected {md5} "
-                "(corrupt or not the official archive); nothing was kept"
-            )
-        os.replace(tmp, dest)
-        return dest.resolve()
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- reading and checking ----------------------------------------------------------------------------
@@ -227,7 +90,7 @@ def _read_archive(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
     if size == 0:
         raise UserError(f"data: {path} is empty (0 bytes)")
     with path.open("rb") as fh:
-        if fh.read(2) != _GZIP_MAGIC:
+        if fh.read(2) != GZIP_MAGIC:
             raise UserError(f"data: {path} is not gzip-compressed; expected {C.ARCHIVE_NAME} (binary version)")
     wanted = _wanted_members(splits)
     found: dict[str, bytes] = {}
@@ -352,10 +215,7 @@ def save(dataset: Cifar10, directory: Path, digest: str | None = None) -> str:
     verify just that.
     """
     digest = digest or dataset.digest()
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with replacing(directory, folder=True) as tmp:
         arrays = {}
         for name in _ARRAYS:
             array = np.ascontiguousarray(getattr(dataset, name))
@@ -365,11 +225,6 @@ def save(dataset: Cifar10, directory: Path, digest: str | None = None) -> str:
             "class_names": list(dataset.class_names), "sha256": digest, "sizes": dataset.sizes(), "arrays": arrays,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return digest
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import reflect_index
 from .progress import bar
-from .training import reflect_index
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,9 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, batch_size: i
             # ONNX shape inference and graph clean-up, as ORT recommends; its symbolic pass fails on our reshape.
             quant_pre_process(source, prepared, skip_symbolic_shape=True)
             # reduce_range: 7-bit weights. x86 CPUs without VNNI multiply u8 x s8 pairs into int16 and
-            # saturate (ONNX Runtime's docs); on an AVX2-only AMD EPYC the full range lost 2.27 points on
-            # SimpleCNN and 46 on AirNet, 7 bits 0.00 and 0.02. Always on, so the model does not depend on
-            # the machine that quantized it.
+            # saturate (ONNX Runtime's docs; what the full range cost on such a CPU is in
+            # docs/models-and-recipes.md). Always on, so the model does not depend on the machine that
+            # quantized it.
             quantize_static(prepared, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             quantized = onnx.load(target)

@@ -1,10 +1,11 @@
-"""What the training device computes fast, and what a recipe's `auto` precision and memory format become there.
+"""Which device to train on, what it computes fast, and what a recipe's `auto` precision and memory format
+become there.
 
 bf16 pays only where the hardware has bf16 arithmetic: on a CPU without it (AMD Zen 3, Intel before
-Cooper Lake) oneDNN emulates it and FastNet trained 13x slower than in fp32 (26 vs 344 images/s at
-batch 512 on Zen 3). So `auto` is a rule on capabilities the device reports, the same answer every
-time on the same machine, never a timing: a run stays reproducible, and the tests pin the rule by
-handing `decide` the capabilities of machines they are not running on.
+Cooper Lake) oneDNN emulates it and training is many times slower than in fp32 (docs/performance.md).
+So `auto` is a rule on capabilities the device reports, the same answer every time on the same
+machine, never a timing: a run stays reproducible, and the tests pin the rule by handing `decide`
+the capabilities of machines they are not running on.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .recipes import HARDWARE, TrainConfig
 
-# Networks whose convolutions run faster in NHWC (channels-last) than in NCHW, measured with
-# `python -m bench.models` on Zen 3 (fp32) and Zen 4 (bf16); SimpleCNN's tiny convolutions gain nothing.
+# Networks whose convolutions run faster in NHWC (channels-last) than in NCHW (`python -m bench.models`
+# measures it); SimpleCNN's tiny convolutions gain nothing.
 CHANNELS_LAST_FASTER = frozenset({"fastnet", "airnet", "vgg11", "vgg16", "resnet18"})
+
+
+def select_device(requested: str) -> torch.device:
+    """'auto' takes CUDA, then MPS, then the CPU; an explicit device must exist."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if requested == "cuda" and not cuda:
+        raise UserError("device 'cuda' was requested but torch sees no CUDA GPU on this machine")
+    if requested == "mps" and not mps:
+        raise UserError("device 'mps' was requested but the Apple MPS backend is not available here")
+    return torch.device(requested)
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,7 @@ def decide(config: TrainConfig, caps: Capabilities) -> tuple[TrainConfig, dict[s
                             f"auto: {caps.device} has no native bf16 (it would be emulated, many times slower)")
     elif precision == "bf16" and not caps.native_bf16:
         why["warning"] = (f"precision=bf16 was asked for, but this {caps.device} ({caps.name}) has no native bf16: "
-                          "it is emulated and can train 10x slower than fp32; precision=auto picks fp32 here")
+                          "it is emulated and trains many times slower than fp32; precision=auto picks fp32 here")
     if channels_last == HARDWARE:
         channels_last = config.model in CHANNELS_LAST_FASTER and caps.device in ("cpu", "cuda")
         why["channels_last"] = (f"auto: {config.model} runs {'faster' if channels_last else 'no faster'} "

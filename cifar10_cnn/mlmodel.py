@@ -78,8 +78,8 @@ def log_pytorch(model, example, class_names):
                 signature=infer_signature(example, logits), input_example=example,
                 pip_requirements=[f"torch=={base_version(torch.__version__)}", *_common_requirements()],
                 serialization_format="pt2",
-                # MLflow would load the program again to try the example (0.6 s); the export step loads
-                # it back itself and checks it against the checkpoint on every test image.
+                # MLflow would load the program again to try the example; the export step loads it back
+                # itself and checks it against the checkpoint on every test image.
                 validate_serving_input=False)
 
 

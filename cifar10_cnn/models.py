@@ -9,9 +9,11 @@ can never drift apart.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,7 +184,8 @@ class AirBlock(nn.Module):
 
     The convolutions start as identities on their first c_in channels ("dirac" init): the block begins
     near a residual block without paying for the addition. Batch norm keeps its scale at 1 (only the
-    shift trains) and follows the batch statistics fast (momentum 0.4), which the lookahead needs.
+    shift trains) and follows the batch statistics fast (momentum 0.4, airbench's), as a short training
+    with large steps wants.
     """
 
     def __init__(self, c_in: int, c_out: int, bn_momentum: float):
@@ -246,11 +249,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(name: str, **kwargs) -> nn.Module:
+def build(name: str, seed: int | None = None, **kwargs) -> nn.Module:
+    """The network `name`; with `seed`, its initial weights drawn from generators seeded with it (torch's,
+    and Python's and NumPy's for anything else that draws), so a seed gives the same network every time."""
     try:
         cls = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     return cls(**kwargs)
 
 

@@ -1,56 +1,103 @@
-"""Validation of step parameters.
+"""Checks for parameter values: each turns the string MLflow passes into a value, or a UserError naming it.
 
 MLflow passes every MLproject parameter to the scripts as a string and does not check the declared
-type (`-P epochs=abc` arrives as 'abc'), so each step validates here before it does any work.
+type (`-P epochs=abc` arrives as 'abc'), so each step checks its arguments before it does any work.
+A check is a small object: it parses (`check(name, text)`), says what it accepts (`describe()`, for
+messages and the docs) and, for a search space, whether a whole range is allowed (`Number.bounds`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
-from . import constants as C
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def positive_int(name: str, value: str | int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} must be a whole number >= 1, got {value!r}") from None
-    if number < 1:
-        raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
-    return number
+@dataclass(frozen=True)
+class Number:
+    """An int or a finite float within bounds; `open_minimum` / `open_maximum` exclude the bound itself."""
+
+    kind: type = float  # int | float
+    minimum: float | None = None
+    maximum: float | None = None
+    open_minimum: bool = False
+    open_maximum: bool = False
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        if self.minimum is not None and self.maximum is not None:
+            left, right = "(" if self.open_minimum else "[", ")" if self.open_maximum else "]"
+            return f"a number in {left}{self.minimum:g}, {self.maximum:g}{right}"
+        if self.minimum is not None:
+            return f"{what} {'>' if self.open_minimum else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            return f"{what} {'<' if self.open_maximum else '<='} {self.maximum:g}"
+        return what
+
+    def allows(self, number: float) -> bool:
+        if not math.isfinite(number):
+            return False
+        if self.minimum is not None and (number < self.minimum or (self.open_minimum and number == self.minimum)):
+            return False
+        return self.maximum is None or not (number > self.maximum or (self.open_maximum and number == self.maximum))
+
+    def __call__(self, name: str, value) -> int | float:
+        text = str(value).strip()
+        try:
+            number = self.kind(text)
+        except ValueError:
+            raise UserError(f"{name} must be {self.describe()}, got {value!r}") from None
+        if not self.allows(number):
+            raise UserError(f"{name} must be {self.describe()}, got {value!r}")
+        return number
 
 
-def non_negative_int(name: str, value: str | int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} must be a whole number >= 0, got {value!r}") from None
-    if number < 0:
-        raise UserError(f"{name} must be a whole number >= 0, got {value!r}")
-    return number
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of words, case-insensitive."""
+
+    allowed: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.allowed)
+
+    def __call__(self, name: str, value) -> str:
+        text = str(value).strip().lower()
+        if text not in self.allowed:
+            raise UserError(f"{name} must be {self.describe()}; got {text!r}")
+        return text
 
 
-def positive_float(name: str, value: str | float) -> float:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} must be a number > 0, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise UserError(f"{name} must be a finite number > 0, got {value!r}")
-    return number
+@dataclass(frozen=True)
+class Boolean:
+    def describe(self) -> str:
+        return "true or false"
+
+    def __call__(self, name: str, value) -> bool:
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise UserError(f"{name} must be true or false, got {value!r}")
+
+
+POSITIVE_INT = Number(int, 1)
+NON_NEGATIVE_INT = Number(int, 0)
+POSITIVE = Number(float, 0, open_minimum=True)
+NON_NEGATIVE = Number(float, 0)
+FRACTION = Number(float, 0, 1, open_maximum=True)  # [0, 1)
+BOOLEAN = Boolean()
 
 
 def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    value = str(value).strip().lower()
-    if value not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
+    return Choice(tuple(allowed))(name, value)
 
 
 def run_id(name: str, value: str) -> str:
@@ -78,17 +125,8 @@ def expected_records(value: str) -> dict[str, int] | None:
     parts = value.split(",")
     if len(parts) != 2:
         raise UserError(f"expected_records must be 'TRAIN,TEST' (e.g. 50000,10000) or 'any', got {value!r}")
-    train, test = (positive_int("expected_records", p) for p in parts)
+    train, test = (POSITIVE_INT("expected_records", p) for p in parts)
     return {"train": train, "test": test}
-
-
-def boolean(name: str, value: str | bool) -> bool:
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise UserError(f"{name} must be true or false, got {value!r}")
 
 
 def version_ref(value: str) -> str:
@@ -97,43 +135,3 @@ def version_ref(value: str) -> str:
     if not re.match(r"^([1-9][0-9]*|[A-Za-z][A-Za-z0-9_-]{0,63})$", text):
         raise UserError(f"version must be a version number or an alias (e.g. candidate, previous), got {value!r}")
     return text
-
-
-# --- The step arguments, each declared once: (default or None when required, help). The recipe's
-# hyperparameters (recipes.FIELDS) come on top, each defaulting to 'auto'. MLproject declares the same
-# names and defaults (tests/test_project_files.py keeps the two in step).
-OPTIONS: dict[str, tuple[str | None, str]] = {
-    "data": ("auto", "auto, a URL, a .tar.gz archive or an extracted folder"),
-    "expected_records": ("50000,10000", "TRAIN,TEST record counts, or 'any'"),
-    "recipe": ("seed", "seed (the tutorial) or fast (AirNet, the speed-runs' recipe)"),
-    "device": ("auto", "auto, cpu, cuda or mps"),
-    "nproc_per_node": ("1", "training processes on this machine (torchrun + DDP)"),
-    "resume_run_id": ("none", "a killed train run to continue from its last epoch"),
-    "tta": ("auto", "test-time augmentation: false, flip, crops, or auto (the recipe's)"),
-    "model_name": (C.DEFAULT_MODEL_NAME, "registered name of the PyTorch flavor; ONNX gets '-onnx'"),
-    "int8": ("true", "also quantize to INT8 (registered if it loses <= 1 point)"),
-    "reuse": ("true", "reuse FINISHED step runs with the same parameters, code (git commit) and data"),
-    "version": ("candidate", "a registered version number or an alias (candidate, previous)"),
-    "force": ("false", "promote even when the test accuracy is lower"),
-    "ingest_run_id": (None, "the FINISHED ingest run whose data to use"),
-    "train_run_id": (None, "the FINISHED train run whose model to use"),
-    "evaluate_run_id": (None, "the FINISHED evaluate run of that train run"),
-    "model_uri": (f"models:/{C.DEFAULT_MODEL_NAME}{C.ONNX_REGISTERED_SUFFIX}@{C.CANDIDATE_ALIAS}",
-                  "the model to score with: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/<id>/<name>"),
-    "images": (None, "a folder (or file) of images, or a CIFAR-10 archive or folder (its test images, scored)"),
-}
-
-
-def parser(step: str, description: str, names: tuple[str, ...], hyperparameters: bool = False):
-    """argparse for `python -m steps.<step>` with the arguments `names` (and every hyperparameter)."""
-    import argparse
-
-    from .recipes import AUTO, FIELDS
-
-    parse = argparse.ArgumentParser(prog=f"python -m steps.{step}", description=description)
-    for name in names:
-        default, help_text = OPTIONS[name]
-        parse.add_argument(f"--{name.replace('_', '-')}", default=default, required=default is None, help=help_text)
-    for name in FIELDS if hyperparameters else ():
-        parse.add_argument(f"--{name.replace('_', '-')}", default=AUTO, help="'auto' (the recipe's) or a value")
-    return parse

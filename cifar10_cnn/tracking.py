@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -236,43 +237,29 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
     return None
 
 
-class Beside:
-    """A step of main (`start_step` runs it to its end) in a thread, so that the next one can start meanwhile.
+def in_thread(fn: Callable, *args) -> Future:
+    """`fn(*args)` in a thread of its own; its Future. The thread is a daemon: a stopped main (Ctrl-C,
+    SIGTERM, an error) does not wait for it, and a step process it started is told by its parent-death
+    signal. (A ThreadPoolExecutor's threads are joined when the interpreter exits: main would hang.)"""
+    future: Future = Future()
 
-    `mlflow.projects.run(synchronous=False)` would start a whole `mlflow run` process per step (seconds
-    of imports); a thread waiting on the synchronous call costs nothing. Each thread has its own stack of
-    active runs, so the pipeline run is made active there too and the step nests under it as usual. If
-    main stops (Ctrl-C, SIGTERM, an error), the step's process is told by its parent-death signal.
-    """
-
-    def __init__(self, start_step, parent_run_id: str, experiment_id: str, entry_point: str):
-        self._outcome: list = []
-        self._where = (parent_run_id, experiment_id, entry_point)
-
-        def target():
+    def target():
+        if future.set_running_or_notify_cancel():
             try:
-                mlflow.start_run(run_id=parent_run_id)
-                self._outcome.append(start_step())
-            except BaseException as exc:  # handed to the main thread by result()
-                self._outcome.append(exc)
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
 
-        self._thread = threading.Thread(target=target, name=entry_point, daemon=True)
-        self._thread.start()
+    threading.Thread(target=target, name=getattr(fn, "__name__", "step"), daemon=True).start()
+    return future
 
-    def run_id(self) -> str:
-        """The step's run id, as soon as MLflow has made the run (before its process starts)."""
-        parent_run_id, experiment_id, entry_point = self._where
-        query = (f"tags.`{C.TAG_PARENT_RUN}` = '{parent_run_id}' and "
-                 f"tags.`{C.TAG_ENTRY_POINT}` = '{entry_point}'")
-        while not (runs := mlflow.search_runs([experiment_id], query, output_format="list")):
-            if not self._thread.is_alive():
-                return self.result()  # it ended without a run: reused an earlier one, or failed to start
-            time.sleep(0.1)
-        return runs[0].info.run_id
 
-    def result(self) -> str:
-        """Wait for the step; its run id, or its error raised here."""
-        self._thread.join()
-        if isinstance(outcome := self._outcome[0], BaseException):
-            raise outcome
-        return outcome
+def child_run_id(step: Future, parent_run_id: str, experiment_id: str, entry_point: str) -> str:
+    """The run id of the `entry_point` step that `step` runs under the parent run, as soon as MLflow has made
+    the run (before its process starts); the step's own result if it ends without making one (reused)."""
+    query = f"tags.`{C.TAG_PARENT_RUN}` = '{parent_run_id}' and tags.`{C.TAG_ENTRY_POINT}` = '{entry_point}'"
+    while not (runs := mlflow.search_runs([experiment_id], query, output_format="list")):
+        if step.done():
+            return step.result()
+        time.sleep(0.1)
+    return runs[0].info.run_id

@@ -3,13 +3,13 @@
 import mlflow
 import torch
 
-from cifar10_cnn import checkpoints, evaluation, models, params, plots, recipes, tracking, training
+from cifar10_cnn import checkpoints, entry_points, evaluation, hardware, models, params, plots, recipes, tracking
 from cifar10_cnn import constants as C
 from cifar10_cnn.progress import say
 
 
 def run(train_run_id: str, device: str, tta: str) -> None:
-    target = training.select_device(params.choice("device", device, params.DEVICES))
+    target = hardware.select_device(params.choice("device", device, params.DEVICES))
     train_run, net, config = checkpoints.trained(params.run_id("train_run_id", train_run_id))
     tta = recipes.tta_level(tta, train_run.data.params.get("recipe"))
     ingest_run_id = train_run.data.params["ingest_run_id"]
@@ -44,7 +44,7 @@ def run(train_run_id: str, device: str, tta: str) -> None:
 
 
 def main(argv=None):
-    args = params.parser("evaluate", __doc__, ("train_run_id", "device", "tta")).parse_args(argv)
+    args = entry_points.parser("evaluate", __doc__).parse_args(argv)
     tracking.run_step("evaluate", run, **vars(args))
 
 

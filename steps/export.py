@@ -4,7 +4,18 @@ them (alias candidate), and an INT8 ONNX model when it loses at most a point."""
 import mlflow
 import torch
 
-from cifar10_cnn import checkpoints, evaluation, export, hardware, mlmodel, models, params, registry, tracking
+from cifar10_cnn import (
+    checkpoints,
+    entry_points,
+    evaluation,
+    export,
+    hardware,
+    mlmodel,
+    models,
+    params,
+    registry,
+    tracking,
+)
 from cifar10_cnn import constants as C
 from cifar10_cnn.data import nhwc
 from cifar10_cnn.errors import CheckFailed, UserError
@@ -13,11 +24,12 @@ from cifar10_cnn.progress import say
 
 def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "true") -> None:
     model_name = params.model_name(model_name)
-    int8 = params.boolean("int8", int8)
-    train_run, net, config = checkpoints.trained(params.run_id("train_run_id", train_run_id))
+    int8 = params.BOOLEAN("int8", int8)
+    train_run_id = params.run_id("train_run_id", train_run_id)
     evaluate_run_id = params.run_id("evaluate_run_id", evaluate_run_id)
     if not tracking.running_beside(evaluate_run_id, "evaluate"):  # checked now; if main runs it beside us, later
         evaluation_of(train_run_id, evaluate_run_id)
+    train_run, net, config = checkpoints.trained(train_run_id)
     ingest_run_id = train_run.data.params["ingest_run_id"]
     dataset = tracking.dataset_of(ingest_run_id, ("train", "test") if int8 else ("test",))
     images = nhwc(dataset.test_images)
@@ -158,7 +170,7 @@ def local_model_file(model_id: str, filename: str) -> str:
 
 
 def main(argv=None):
-    args = params.parser("export", __doc__, ("train_run_id", "evaluate_run_id", "model_name", "int8")).parse_args(argv)
+    args = entry_points.parser("export", __doc__).parse_args(argv)
     tracking.run_step("export", run, **vars(args))
 
 

@@ -8,13 +8,13 @@ import mlflow
 
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
-from cifar10_cnn import params, plots, tracking
+from cifar10_cnn import entry_points, params, plots, sources, tracking
 from cifar10_cnn.progress import say
 
 
 def run(data: str, expected_records: str) -> None:
     expected = params.expected_records(expected_records)
-    source = datalib.resolve_source(data, datalib.cache_dir())
+    source = sources.resolve_source(data, sources.cache_dir())
     say("ingest", f"reading {source.path}")
     dataset = datalib.read(source, expected)
     digest = dataset.digest()
@@ -30,7 +30,7 @@ def run(data: str, expected_records: str) -> None:
         tracking.log_input(ds, context, {"sha256": digest, "records": str(len(labels))})
     sizes = dataset.sizes()
     mlflow.set_tags({C.TAG_SOURCE: source.origin, C.TAG_SHA256: digest,
-                     C.TAG_SOURCE_SHA256: datalib.source_digest(source)})
+                     C.TAG_SOURCE_SHA256: sources.source_digest(source)})
     mlflow.log_metrics({"train_records": sizes["train"], "test_records": sizes["test"]})
     counts = {"classes": list(dataset.class_names), "train": dataset.class_counts("train"),
               "test": dataset.class_counts("test")}
@@ -52,7 +52,7 @@ def dataset_source(origin: str):
 
 
 def main(argv=None):
-    args = params.parser("ingest", __doc__, ("data", "expected_records")).parse_args(argv)
+    args = entry_points.parser("ingest", __doc__).parse_args(argv)
     tracking.run_step("ingest", run, **vars(args))
 
 

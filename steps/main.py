@@ -9,14 +9,11 @@ from pathlib import Path
 import mlflow
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import data as datalib
-from cifar10_cnn import params, recipes, tracking
+from cifar10_cnn import entry_points, params, recipes, sources, tracking
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-NAMES = ("recipe", "device", "nproc_per_node", "tta", "data", "expected_records", "model_name", "resume_run_id",
-         "int8", "reuse")
 
 
 def run(**raw) -> None:
@@ -54,7 +51,7 @@ def run(**raw) -> None:
         mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), submitted.run_id)
         return submitted.run_id
 
-    data_tags = {C.TAG_SOURCE_SHA256: datalib.source_digest(p["source"])} if commit and p["source"] else None
+    data_tags = {C.TAG_SOURCE_SHA256: sources.source_digest(p["source"])} if commit and p["source"] else None
     if commit and data_tags is None:
         say("main", "ingest will download the data, so it runs again (its digest is not known yet)")
     ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
@@ -63,12 +60,16 @@ def run(**raw) -> None:
                               "nproc_per_node": p["nproc_per_node"], "resume_run_id": p["resume_run_id"]})
     # evaluate and export side by side: both start from the train run, and export waits for evaluate's
     # results only before it registers. Each step spends seconds starting (imports, the store), which two
-    # cores overlap: the pair takes about the time of export alone.
-    evaluate = tracking.Beside(
-        lambda: step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]}),
-        parent.info.run_id, experiment_id, "evaluate")
+    # cores overlap: the pair takes about the time of export alone. MLflow's active run is per thread, so
+    # the pipeline run is made active in evaluate's thread too, and evaluate nests under it as usual.
+    def evaluate_beside() -> str:
+        mlflow.start_run(run_id=parent.info.run_id)
+        return step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]})
+
+    evaluate = tracking.in_thread(evaluate_beside)
     try:
-        export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate.run_id(),
+        evaluate_started = tracking.child_run_id(evaluate, parent.info.run_id, experiment_id, "evaluate")
+        export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
                                     "model_name": p["model_name"], "int8": p["int8"]})
     except UserError:
         evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
@@ -103,16 +104,16 @@ def check_main_params(p: dict) -> dict:
     checked = {
         "device": params.choice("device", p["device"], params.DEVICES),
         "model_name": params.model_name(p["model_name"]),
-        "int8": str(params.boolean("int8", p["int8"])).lower(),
-        "nproc_per_node": params.positive_int("nproc_per_node", p["nproc_per_node"]),
-        "reuse": params.boolean("reuse", p["reuse"]),
+        "int8": str(params.BOOLEAN("int8", p["int8"])).lower(),
+        "nproc_per_node": params.POSITIVE_INT("nproc_per_node", p["nproc_per_node"]),
+        "reuse": params.BOOLEAN("reuse", p["reuse"]),
     }
     params.expected_records(p["expected_records"])
     if checked["device"] in ("cuda", "mps"):  # only then is torch worth importing here
-        from cifar10_cnn.training import select_device
+        from cifar10_cnn.hardware import select_device
 
         select_device(checked["device"])
-    source = datalib.resolve_source(p["data"], datalib.cache_dir(), fetch=False)  # None: it needs a download
+    source = sources.resolve_source(p["data"], sources.cache_dir(), fetch=False)  # None: it needs a download
     data = str(p["data"]).strip()
     if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
         data = str(Path(data).expanduser().resolve())
@@ -165,7 +166,7 @@ def ui_command(tracking_uri: str, experiment_id: str) -> str:
 
 
 def main(argv=None):
-    args = params.parser("main", __doc__, NAMES, hyperparameters=True).parse_args(argv)
+    args = entry_points.parser("main", __doc__).parse_args(argv)
     tracking.run_step("main", run, **vars(args))
 
 

@@ -11,8 +11,8 @@ import mlflow
 
 from cifar10_cnn import constants as C
 from cifar10_cnn import data as datalib
+from cifar10_cnn import entry_points, predict, registry, sources, tracking
 from cifar10_cnn import images as imagelib
-from cifar10_cnn import params, predict, registry, tracking
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -21,7 +21,7 @@ def run(model_uri: str, images: str) -> None:
     source = Path(str(images).strip()).expanduser()
     if not str(images).strip() or not source.exists():
         raise UserError(f"images: {source.resolve()} does not exist")
-    archive = datalib.cifar10_at(source)  # else a folder (or file) of images
+    archive = sources.cifar10_at(source)  # else a folder (or file) of images
     paths = [] if archive else imagelib.files_under(source)
     if not archive and not paths:
         raise UserError(f"images: {source.resolve()} holds no files to score")
@@ -68,7 +68,7 @@ def run(model_uri: str, images: str) -> None:
 
 
 def main(argv=None):
-    args = params.parser("predict", __doc__, ("model_uri", "images")).parse_args(argv)
+    args = entry_points.parser("predict", __doc__).parse_args(argv)
     tracking.run_step("predict", run, **vars(args))
 
 

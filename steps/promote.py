@@ -3,7 +3,7 @@
 import mlflow
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import params, registry, tracking
+from cifar10_cnn import entry_points, params, registry, tracking
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -11,7 +11,7 @@ from cifar10_cnn.progress import say
 def run(version: str, model_name: str, force: str) -> None:
     ref = params.version_ref(version)
     name = params.model_name(model_name)
-    forced = params.boolean("force", force)
+    forced = params.BOOLEAN("force", force)
     onnx_name = name + C.ONNX_REGISTERED_SUFFIX
     # Read-compare-move must not interleave with another promotion, or the two flavors could end up
     # with champions from different runs.
@@ -34,7 +34,7 @@ def run(version: str, model_name: str, force: str) -> None:
 
 
 def main(argv=None):
-    args = params.parser("promote", __doc__, ("version", "model_name", "force")).parse_args(argv)
+    args = entry_points.parser("promote", __doc__).parse_args(argv)
     tracking.run_step("promote", run, **vars(args))
 
 

@@ -4,14 +4,24 @@ With --nproc-per-node N > 1 the step re-starts itself under torchrun (one proces
 DistributedDataParallel); rank 0 logs to the MLflow run, the other ranks never open one.
 """
 
-import os
 import sys
 from dataclasses import asdict
 
 import mlflow
 import torch
 
-from cifar10_cnn import checkpoints, hardware, models, params, plots, recipes, tracking, training
+from cifar10_cnn import (
+    checkpoints,
+    distributed,
+    entry_points,
+    hardware,
+    models,
+    params,
+    plots,
+    recipes,
+    tracking,
+    training,
+)
 from cifar10_cnn import constants as C
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
@@ -24,23 +34,22 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     Under torchrun this is rank 0: it alone talks to MLflow, and hands the other ranks (`run_worker`)
     the resolved config, the data and any resume state.
     """
-    rank, world = training.distributed()
+    rank, world = distributed.rank_and_world()
     try:
         config, why, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
             ingest_run_id, recipe, device, resume_run_id, nproc_per_node, world, overrides)
     except BaseException:
         if world > 1:
-            training.share(None)  # the other ranks stop instead of waiting for data that never comes
+            distributed.share(None)  # the other ranks stop instead of waiting for data that never comes
         raise
     if world > 1:
-        training.share({"config": config, "resume": resume, "train_images": dataset.train_images,
+        distributed.share({"config": config, "resume": resume, "train_images": dataset.train_images,
                         "train_labels": dataset.train_labels})
         mlflow.log_params({"world_size": world, "per_process_batch": config.batch_size // world})
         say("train", f"{world} processes ({'NCCL' if target.type == 'cuda' else 'gloo'}), global batch "
                       f"{config.batch_size} = {world} x {config.batch_size // world}, learning rate as given")
 
-    training.seed_everything(config.seed)
-    net = models.build(config.model)
+    net = models.build(config.model, seed=config.seed)
     n_params = models.count_parameters(net)
     tracking.log_new_params({**asdict(config), "num_parameters": n_params, "train_device": target,
                              "train_records": len(dataset.train_labels), "precision_used": config.precision,
@@ -82,30 +91,32 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
             log_epoch(r)
         mlflow.set_tag(C.TAG_RESUMED_FROM, f"{resume_run_id} after epoch {len(done)}")
         say("train", f"resuming train run {resume_run_id} after epoch {len(done)} of {config.epochs}")
+    def on_checkpoint(net, history: list, state: dict) -> None:
+        checkpoints.log_epoch_checkpoint(checkpoints.snapshot(net, config, history, state))
+
     history = training.train(net, torch.from_numpy(dataset.train_images),
                              torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch,
-                             on_checkpoint=checkpoints.log_epoch_checkpoint, resume=resume, on_plan=on_plan)
+                             on_checkpoint=on_checkpoint, resume=resume, on_plan=on_plan)
 
     mlflow.log_metric("train_seconds", sum(r.seconds for r in history))
     net.cpu().eval()
     mlflow.log_figure(plots.training_curves(history), "training_curves.png")
     if (rss := hardware.peak_rss_mib()) is not None:
         mlflow.log_metric("peak_rss_mib", rss)
-    checkpoints.log_final(training.checkpoint(net, config, {}, history))
+    checkpoints.log_final(checkpoints.snapshot(net, config, history))
 
 
 def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, nproc_per_node: str, world: int,
             overrides: dict):
     """Every check, the data and the resolved config, before any training."""
-    target = training.select_device(params.choice("device", device, params.DEVICES))
-    nproc = params.positive_int("nproc_per_node", nproc_per_node)
+    target = hardware.select_device(params.choice("device", device, params.DEVICES))
+    nproc = params.POSITIVE_INT("nproc_per_node", nproc_per_node)
     if nproc != world:
         raise UserError(f"nproc_per_node is {nproc} but {world} process(es) are running; start the step through "
                         "`mlflow run` (it launches torchrun itself) or torchrun with the same number")
     if world > 1 and target.type == "cuda":
         target = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
-    dataset = tracking.dataset_of(ingest_run_id, ("train",))
     resume_run_id = str(resume_run_id).strip()
     if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
         resume = checkpoints.resumable(resume_run_id, ingest_run_id)
@@ -124,20 +135,20 @@ def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, np
     if config.budget_minutes and world > 1:
         raise UserError("budget_minutes plans from one process's measured speed; use it with nproc_per_node=1")
     config, why = hardware.decide(config, hardware.capabilities(target))
+    dataset = tracking.dataset_of(ingest_run_id, ("train",))  # last: a bad parameter fails before any data is read
     return config, why, target, dataset, resume, ingest_run_id, resume_run_id
 
 
 def run_worker(device: str, **_ignored) -> None:
     """Ranks 1..N-1 under torchrun: train on their shards with what rank 0 shares; no MLflow at all."""
-    payload = training.share()
+    payload = distributed.share()
     if payload is None:  # rank 0 failed its checks and reports why
         return
     config = payload["config"]
-    target = training.select_device(params.choice("device", device, params.DEVICES))
+    target = hardware.select_device(params.choice("device", device, params.DEVICES))
     if target.type == "cuda":
         target = torch.device("cuda", torch.cuda.current_device())
-    training.seed_everything(config.seed)
-    net = models.build(config.model)
+    net = models.build(config.model, seed=config.seed)
     training.train(net, torch.from_numpy(payload["train_images"]), torch.from_numpy(payload["train_labels"]).long(),
                    config, target, resume=payload["resume"])
 
@@ -149,29 +160,18 @@ def log_epoch(r: training.EpochResult) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = params.parser("train", __doc__, ("ingest_run_id", "recipe", "device", "resume_run_id", "nproc_per_node"),
-                         hyperparameters=True).parse_args(argv)
-    nproc = args.nproc_per_node.strip()
-    if nproc.isdigit() and int(nproc) > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc-per-node={int(nproc)}", "-m", "steps.train", *argv])
-    rank, _ = training.init_distributed(args.device)
+    args = entry_points.parser("train", __doc__).parse_args(argv)
+    distributed.relaunch_under_torchrun("steps.train", argv, args.nproc_per_node)  # returns when not needed
+    rank, _ = distributed.join(args.device)
     try:
         if rank == 0:
             tracking.run_step("train", run, system_metrics=True, **vars(args))
         else:
             run_worker(**vars(args))
     finally:
-        # A gloo group still alive when the interpreter exits can abort the process ("terminate called
-        # without an active exception", SIGABRT; seen in CI on rank 1 while rank 0 was still logging).
-        training.leave_distributed()
+        distributed.leave()
     if rank != 0:
-        # A worker has no run or file left to close. Skip the interpreter's teardown, in which gloo's worker
-        # threads can still hold tensors and abort the process after its work is done (SIGABRT even after
-        # destroy_process_group, seen in CI; the mechanism is described in pytorch/pytorch#179291).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        distributed.exit_worker()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def store(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
-    mlflow.set_tracking_uri(previous)  # a module's store (e.g. test_steps' chain) is current again
+    mlflow.set_tracking_uri(previous)  # whatever store was current before (e.g. a module fixture's) is again
 
 
 def runs_env() -> dict:
@@ -52,7 +52,97 @@ def runs_env() -> dict:
     return env
 
 
+def snapshot(dest: Path) -> Path:
+    """This project's files (tracked and untracked, not ignored) as one git commit at `dest`: a known code
+    version, so that step reuse is on, whatever the working tree holds."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_DIR,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_DIR / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, dest / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(dest)]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
+        subprocess.run(git + cmd, check=True)
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+MLFLOW = str(Path(os.sys.executable).parent / "mlflow")  # the venv's CLI, whatever PATH says
+
+
+def step_runs(step: str) -> list:
+    """Every run made by pipeline step `step` (tag cifar10.step), oldest first, in every experiment."""
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{C.TAG_STEP}` = '{step}'", order_by=["attributes.start_time ASC"])
+
+
+def only_run(step: str):
+    (run,) = step_runs(step)
+    return run
+
+
+def children(parent_id: str) -> dict:
+    """The nested runs of a pipeline run, by entry point."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{C.TAG_PARENT_RUN}` = '{parent_id}'")
+    return {r.data.tags[C.TAG_ENTRY_POINT]: r for r in runs}
+
+
+def fails(entry, argv: list[str], capsys, message: str) -> str:
+    """Run a step's main(argv): it must exit 2 with one line on stderr that contains `message`."""
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, archive):
+    """ingest -> train -> evaluate -> export once per test process, each step called as its script would be,
+    in a store of its own; the model is registered as 'tiny' ('tiny-onnx', 'tiny-onnx-int8'). Tests take
+    it through `chain`, and must add to its store only what they check themselves."""
+    from steps import evaluate, export, ingest, train
+
+    root = tmp_path_factory.mktemp("chain")
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(root, mp)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # the tiny train run lasts ~3 s
+        ingest.main(["--data", str(archive), "--expected-records", "any"])
+        ingest_id = only_run("ingest").info.run_id
+        train.main(["--ingest-run-id", ingest_id, "--epochs", "2", "--batch-size", "16", "--device", "cpu"])
+        train_id = only_run("train").info.run_id
+        evaluate.main(["--train-run-id", train_id, "--device", "cpu"])
+        evaluate_id = only_run("evaluate").info.run_id
+        export.main(["--train-run-id", train_id, "--evaluate-run-id", evaluate_id, "--model-name", "tiny"])
+        export_id = only_run("export").info.run_id
+    return {"ingest": ingest_id, "train": train_id, "evaluate": evaluate_id, "export": export_id, "root": root,
+            "uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+@pytest.fixture
+def chain(pipeline, monkeypatch):
+    """The pipeline's run ids, with its store as the current one (working directory, tracking URI)."""
+    while mlflow.active_run():
+        mlflow.end_run()
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.chdir(pipeline["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline["uri"])
+    monkeypatch.setenv(C.CACHE_DIR_ENV, str(pipeline["root"] / "data"))
+    monkeypatch.delenv(C.ARCHIVE_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(pipeline["uri"])
+    yield pipeline
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)

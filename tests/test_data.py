@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import data, synthetic
+from cifar10_cnn import data, sources, synthetic
 from cifar10_cnn.errors import UserError
 
 
 def read(path: Path, expected=None) -> data.Cifar10:
-    return data.read(data.Source(path, "archive", str(path)), expected)
+    return data.read(sources.Source(path, "archive", str(path)), expected)
 
 
 def test_reads_every_record_with_labels_and_pixels_intact(archive):
@@ -31,13 +31,13 @@ def test_reads_every_record_with_labels_and_pixels_intact(archive):
 
 def test_official_sizes_are_required_by_default(archive):
     with pytest.raises(UserError, match=r"has 200 train records, expected 50,000"):
-        data.read(data.Source(archive, "archive", str(archive)))
+        data.read(sources.Source(archive, "archive", str(archive)))
 
 
 def test_reads_an_extracted_folder_and_its_parent(tmp_path):
     root = synthetic.write_folder(tmp_path, synthetic.batch_files())
     for path in (root, root / C.BATCH_DIR):
-        ds = data.read(data.resolve_source(str(path), tmp_path / "cache"), None)
+        ds = data.read(sources.resolve_source(str(path), tmp_path / "cache"), None)
         assert ds.sizes() == {"train": 200, "test": 100}
 
 
@@ -155,50 +155,50 @@ def test_gzip_that_is_not_a_tar(tmp_path):
 
 def test_auto_prefers_the_cache_then_the_environment(tmp_path, archive):
     cache = tmp_path / "cache"
-    src = data.resolve_source("auto", cache, env={C.ARCHIVE_ENV: str(archive)})
+    src = sources.resolve_source("auto", cache, env={C.ARCHIVE_ENV: str(archive)})
     assert src.path == archive.resolve() and src.kind == "archive"
     cache.mkdir()
     (cache / C.ARCHIVE_NAME).write_bytes(archive.read_bytes())
-    src = data.resolve_source("auto", cache, env={C.ARCHIVE_ENV: str(archive)})
+    src = sources.resolve_source("auto", cache, env={C.ARCHIVE_ENV: str(archive)})
     assert src.path == (cache / C.ARCHIVE_NAME).resolve() and src.origin == C.OFFICIAL_URL
 
 
 def test_auto_without_cache_or_env_would_download_official(tmp_path):
-    assert data.resolve_source("auto", tmp_path, env={}, fetch=False) is None
+    assert sources.resolve_source("auto", tmp_path, env={}, fetch=False) is None
 
 
 def test_environment_naming_a_missing_file(tmp_path):
     with pytest.raises(UserError, match=rf"{C.ARCHIVE_ENV} names .*nope\.tar\.gz, which does not exist"):
-        data.resolve_source("auto", tmp_path, env={C.ARCHIVE_ENV: str(tmp_path / "nope.tar.gz")})
+        sources.resolve_source("auto", tmp_path, env={C.ARCHIVE_ENV: str(tmp_path / "nope.tar.gz")})
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(UserError, match=r"data: .*missing\.tar\.gz does not exist"):
-        data.resolve_source(str(tmp_path / "missing.tar.gz"), tmp_path)
+        sources.resolve_source(str(tmp_path / "missing.tar.gz"), tmp_path)
 
 
 def test_file_url_is_a_local_path(tmp_path, archive):
-    assert data.resolve_source(archive.as_uri(), tmp_path).path == archive.resolve()
+    assert sources.resolve_source(archive.as_uri(), tmp_path).path == archive.resolve()
 
 
 def test_download_checks_md5_and_keeps_nothing_on_mismatch(tmp_path, archive):
     dest = tmp_path / "cache" / C.ARCHIVE_NAME
     with pytest.raises(UserError, match=r"downloaded with md5 [0-9a-f]{32}, expected 0{32}.*nothing was kept"):
-        data.download(archive.as_uri(), dest, md5="0" * 32)
+        sources.download(archive.as_uri(), dest, md5="0" * 32)
     assert list(dest.parent.iterdir()) == []  # no partial file, no file under the final name
 
 
 def test_download_renames_into_place_when_md5_matches(tmp_path, archive):
     dest = tmp_path / "cache" / C.ARCHIVE_NAME
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    assert data.download(archive.as_uri(), dest, md5=md5) == dest.resolve()
+    assert sources.download(archive.as_uri(), dest, md5=md5) == dest.resolve()
     assert dest.read_bytes() == archive.read_bytes()
     assert [p.name for p in dest.parent.iterdir()] == [C.ARCHIVE_NAME]
 
 
 def test_unreachable_url(tmp_path):
     with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1:9/cifar\.tar\.gz"):
-        data.download("http://127.0.0.1:9/cifar.tar.gz", tmp_path / "x.tar.gz", timeout_s=5)
+        sources.download("http://127.0.0.1:9/cifar.tar.gz", tmp_path / "x.tar.gz", timeout_s=5)
     assert list(tmp_path.iterdir()) == []
 
 

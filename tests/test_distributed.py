@@ -25,8 +25,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         images, labels = data(n=320)
-        training.seed_everything(CONFIG.seed)
-        net = models.build(CONFIG.model)
+        net = models.build(CONFIG.model, seed=CONFIG.seed)
         history = training.train(net, images, labels, CONFIG, torch.device("cpu"))
         if rank == 0:
             torch.save({"state_dict": net.state_dict(), "losses": [h.loss for h in history]}, out)
@@ -40,8 +39,7 @@ def test_two_gloo_processes_reach_the_weights_of_one_with_the_same_global_batch(
     mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     images, labels = data(n=320)
-    training.seed_everything(CONFIG.seed)
-    single = models.build(CONFIG.model)
+    single = models.build(CONFIG.model, seed=CONFIG.seed)
     history = training.train(single, images, labels, CONFIG, torch.device("cpu"))
     # Each process averages its 16 images, DDP averages the two: the same mean over 32, summed in another
     # order, so equal up to float rounding (measured: ~1e-7 after 20 Adam steps).

@@ -3,7 +3,6 @@
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,106 +12,134 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from tests.conftest import PROJECT_DIR, free_port, isolate, runs_env
+from tests.conftest import MLFLOW, PROJECT_DIR, children, free_port, isolate, runs_env, snapshot, step_runs
 
 pytestmark = pytest.mark.slow
 
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
 EXPERIMENT = "cifar10-cnn"  # as `make run` names it
+COMMON = ["expected_records=any", "epochs=1", "model_name=e2e"]
 
 
-def mlflow_run(*params: str, timeout=600, experiment: str | None = None) -> subprocess.CompletedProcess:
-    args = [MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local"]
+def mlflow_run(*params: str, project: Path = PROJECT_DIR, experiment: str | None = None, log: Path | None = None):
+    """`mlflow run` as a user types it: started (a Popen writing to `log`) when a log is given, else run to its end."""
+    args = [MLFLOW, "run", str(project), "--env-manager", "local", *(a for p in params for a in ("-P", p))]
     if experiment:
         args += ["--experiment-name", experiment]
-    for p in params:
-        args += ["-P", p]
-    return subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=timeout)
-
-
-def children(parent_id: str) -> dict:
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    return {r.data.tags["mlflow.project.entryPoint"]: r for r in runs}
+    if log is None:
+        return subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=600)
+    with log.open("w") as out:
+        return subprocess.Popen(args, env=runs_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def parents() -> list:
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string="tags.`mlflow.project.entryPoint` = 'main'",
-                              order_by=["attributes.start_time ASC"])
+    return step_runs("main")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, archive):
+    """Two users start the recipe at the same moment on one new SQLite store, from a clean git snapshot of
+    the project (a known code version, so steps can be reused), in the experiment `make run` uses."""
+    root = tmp_path_factory.mktemp("e2e")
+    checkout = snapshot(root / "project")
     with pytest.MonkeyPatch.context() as mp:
-        isolate(tmp_path_factory.mktemp("e2e"), mp)
-        done = mlflow_run("epochs=2", f"data={archive}", "expected_records=any", "model_name=e2e",
-                          experiment=EXPERIMENT)
-        assert done.returncode == 0, done.stderr[-3000:]
-        yield done
+        isolate(root, mp)
+        logs = [root / "first.log", root / "second.log"]
+        first = mlflow_run(f"data={archive}", *COMMON, "seed=1", project=checkout, experiment=EXPERIMENT, log=logs[0])
+        while mlflow.get_experiment_by_name(EXPERIMENT) is None and first.poll() is None:  # made by the first
+            time.sleep(0.2)
+        second = mlflow_run(f"data={archive}", *COMMON, "seed=2", project=checkout, experiment=EXPERIMENT,
+                            log=logs[1])
+        for process, log in zip((first, second), logs, strict=True):
+            assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        yield {"stdout": [log.read_text() for log in logs], "checkout": checkout, "archive": archive}
 
 
-def test_one_parent_with_four_nested_steps(store):
-    (parent,) = parents()
-    assert parent.info.status == "FINISHED"
-    steps = children(parent.info.run_id)
-    assert set(steps) == {"ingest", "train", "evaluate", "export"}
-    assert all(r.info.status == "FINISHED" for r in steps.values())
-    assert len({r.info.experiment_id for r in [parent, *steps.values()]}) == 1
-    # Each step received the run id of the step before it, through the tracking store.
-    assert steps["train"].data.params["ingest_run_id"] == steps["ingest"].info.run_id
-    assert steps["evaluate"].data.params["train_run_id"] == steps["train"].info.run_id
-    assert steps["export"].data.params["evaluate_run_id"] == steps["evaluate"].info.run_id
-    assert parent.data.metrics["test_accuracy"] == steps["evaluate"].data.metrics["test_accuracy"]
-    # A name that says what was trained, in the named experiment, which the UI opens on its runs table
-    assert parent.info.run_name == "seed · simple_cnn · 2 epochs"
-    experiment = MlflowClient().get_experiment(parent.info.experiment_id)
+def test_each_recipe_is_one_parent_with_four_nested_steps(store):
+    first, second = parents()
+    for parent in (first, second):
+        assert parent.info.status == "FINISHED"
+        steps = children(parent.info.run_id)
+        assert set(steps) == {"ingest", "train", "evaluate", "export"}
+        assert all(r.info.status == "FINISHED" for r in steps.values())
+        assert len({r.info.experiment_id for r in [parent, *steps.values()]}) == 1
+        # Each step received the run id of the step before it, through the tracking store.
+        assert steps["train"].data.params["ingest_run_id"] == steps["ingest"].info.run_id
+        assert steps["evaluate"].data.params["train_run_id"] == steps["train"].info.run_id
+        assert steps["export"].data.params["evaluate_run_id"] == steps["evaluate"].info.run_id
+        assert parent.data.metrics["test_accuracy"] == steps["evaluate"].data.metrics["test_accuracy"]
+        # A name that says what was trained, in the named experiment, which the UI opens on its runs table
+        assert parent.info.run_name == "seed · simple_cnn · 1 epoch"
+    experiment = MlflowClient().get_experiment(first.info.experiment_id)
     assert experiment.name == EXPERIMENT
     assert experiment.tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND == "custom_model_development"
+    assert not any("database is locked" in out for out in store["stdout"])
 
 
-def test_both_flavors_registered_with_the_alias(store):
+def test_two_recipes_at_once_register_a_version_each(store):
     client = MlflowClient()
-    (parent,) = parents()
-    steps = children(parent.info.run_id)
+    trained = {children(p.info.run_id)["train"].info.run_id: p for p in parents()}
     for name in ("e2e", "e2e-onnx"):
-        version = client.get_model_version_by_alias(name, C.CANDIDATE_ALIAS)
-        assert version.tags["pipeline_run_id"] == parent.info.run_id
-        assert version.tags["train_run_id"] == steps["train"].info.run_id
-    assert steps["export"].data.metrics["onnx_argmax_mismatches"] == 0
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]
+        assert {v.tags["train_run_id"] for v in versions} == set(trained)  # one each, nothing shared or lost
+        for v in versions:
+            assert v.tags["pipeline_run_id"] == trained[v.tags["train_run_id"]].info.run_id
+    for parent in parents():
+        assert children(parent.info.run_id)["export"].data.metrics["onnx_argmax_mismatches"] == 0
 
 
 def test_summary_names_accuracy_runs_and_versions(store):
-    (parent,) = parents()
-    out = store.stdout
-    assert "CIFAR-10 CNN pipeline finished" in out
-    assert f"parent run    : {parent.info.run_id}" in out
-    acc = parent.data.metrics["test_accuracy"]
-    assert f"test accuracy : {acc:.2%}" in out
-    assert "e2e v1 (@candidate), e2e-onnx v1 (@candidate)" in out
-    assert "mlflow ui --backend-store-uri sqlite:///" in out
-    assert f"open http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in out
-    assert out.split("=" * 80)[2].strip() in parent.data.tags["mlflow.note.content"]  # the run's description
-    onnx_path = out.split("ONNX model    : ")[1].split()[0]
-    assert Path(onnx_path).is_file() and onnx_path.endswith(".onnx")
-
-
-def test_divergence_fails_the_recipe_and_registers_nothing(store, archive):
     client = MlflowClient()
-    before = {n: [str(v.version) for v in client.search_model_versions(f"name = '{n}'")] for n in ("e2e", "e2e-onnx")}
-    done = mlflow_run("epochs=1", "learning_rate=1e9", f"data={archive}", "expected_records=any", "model_name=e2e",
-                      "reuse=false")  # a fresh ingest run too, whatever the code version
-    assert done.returncode != 0
-    assert "training diverged" in done.stderr and "lower learning_rate" in done.stderr
-    parent = parents()[-1]
-    assert parent.info.status == "FAILED"
-    steps = children(parent.info.run_id)
-    assert set(steps) == {"ingest", "train"} and steps["train"].info.status == "FAILED"
-    after = {n: [str(v.version) for v in client.search_model_versions(f"name = '{n}'")] for n in ("e2e", "e2e-onnx")}
-    assert after == before
-    assert str(client.get_model_version_by_alias("e2e", C.CANDIDATE_ALIAS).version) == before["e2e"][0]
+    for out in store["stdout"]:
+        assert "CIFAR-10 CNN pipeline finished" in out
+        parent = mlflow.get_run(out.split("parent run    : ")[1].split()[0])
+        acc = parent.data.metrics["test_accuracy"]
+        assert f"test accuracy : {acc:.2%}" in out
+        registered = re.search(r"registered    : e2e v(\d+).*, e2e-onnx v(\d+)", out)
+        for name, version in zip(("e2e", "e2e-onnx"), registered.groups(), strict=True):
+            assert client.get_model_version(name, version).tags["pipeline_run_id"] == parent.info.run_id
+        assert "mlflow ui --backend-store-uri sqlite:///" in out
+        page = f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning"
+        assert f"then open http://127.0.0.1:5000/{page}" in out
+        assert out.split("=" * 80)[2].strip() in parent.data.tags["mlflow.note.content"]  # the run's description
+        onnx_path = out.split("ONNX model    : ")[1].split()[0]
+        assert Path(onnx_path).is_file() and onnx_path.endswith(".onnx")
+
+
+def test_the_same_recipe_again_reuses_every_step(store, tmp_path):
+    # Both recipes read the same data, so ingest reuse takes the newest of their two ingest runs: the recipe
+    # that made it is the one whose every step can be reused.
+    newest_ingest = step_runs("ingest")[-1].info.run_id
+    (first,) = [p for p in parents() if p.data.tags["cifar10.ingest_run_id"] == newest_ingest]
+    seed = children(first.info.run_id)["train"].data.params["seed"]
+    again = mlflow_run(f"data={store['archive']}", *COMMON, f"seed={seed}", project=store["checkout"],
+                       experiment=EXPERIMENT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = parents()[-1]
+    assert rerun.data.tags[C.TAG_REUSED] == "ingest,train,evaluate,export"
+    for step in ("ingest", "train", "evaluate", "export"):
+        assert rerun.data.tags[f"cifar10.{step}_run_id"] == first.data.tags[f"cifar10.{step}_run_id"]
+        assert f"step {step}: reusing FINISHED run {first.data.tags[f'cifar10.{step}_run_id']}" in again.stdout
+    assert rerun.data.metrics["test_accuracy"] == first.data.metrics["test_accuracy"]
+    assert len(MlflowClient().search_model_versions("name = 'e2e'")) == 2  # nothing registered twice
+
+
+def test_two_promotions_at_once_leave_one_champion_in_both_flavors(store):
+    promotions = [subprocess.Popen([MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local", "-e", "promote",
+                                    "-P", "model_name=e2e", "-P", f"version={v}"], env=runs_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for v in (1, 2)]
+    results = [p.wait(timeout=300) for p in promotions]
+    assert 0 in results  # whoever came first promoted; the other promoted too or was refused by the gate
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("e2e", "champion")
+    onnx_champion = client.get_model_version_by_alias("e2e-onnx", "champion")
+    assert champion.tags["train_run_id"] == onnx_champion.tags["train_run_id"]  # the flavors never mix
+    first_promoted = [v for v in client.search_model_versions("name = 'e2e'")
+                      if v.tags.get("promotion", "").startswith("promoted: no champion yet")]
+    assert len(first_promoted) == 1
+    if results == [0, 0]:  # both promoted, one after the other: the loser of the race is now @previous
+        previous = client.get_model_version_by_alias("e2e", "previous")
+        assert {str(champion.version), str(previous.version)} == {"1", "2"}
 
 
 def test_bad_parameter_fails_before_any_step(store):
@@ -126,17 +153,6 @@ def test_bad_parameter_fails_before_any_step(store):
     # without --experiment-name it lands in Default, which gets the kind too (before the parameter check)
     default = MlflowClient().get_experiment(parent.info.experiment_id)
     assert default.name == "Default" and default.tags[C.EXPERIMENT_KIND_TAG] == C.EXPERIMENT_KIND
-
-
-def test_promote_entry_point_moves_champion_on_both_flavors(store):
-    args = [MLFLOW, "run", str(PROJECT_DIR), "--env-manager", "local", "-e", "promote", "-P", "model_name=e2e"]
-    done = subprocess.run(args, capture_output=True, text=True, env=runs_env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    client = MlflowClient()
-    pt = client.get_model_version_by_alias("e2e", "champion")
-    onnx_v = client.get_model_version_by_alias("e2e-onnx", "champion")
-    assert pt.tags["train_run_id"] == onnx_v.tags["train_run_id"]
-    assert pt.tags["promotion"].startswith("promoted: no champion yet")
 
 
 # --- the MLflow UI in a real browser -----------------------------------------------------------------
@@ -191,8 +207,8 @@ NEEDS_CHROMIUM = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 @pytest.mark.browser
 @NEEDS_CHROMIUM
 def test_mlflow_ui_opens_the_experiment_on_its_runs_table(store, ui, tmp_path):
-    (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
-    printed = store.stdout.split("then open http://127.0.0.1:5000/")[1].split()[0]  # the address main printed
+    parent = parents()[0]
+    printed = store["stdout"][0].split("then open http://127.0.0.1:5000/")[1].split()[0]  # the address main printed
     page = visible_text(browse(f"{ui}/{printed}", tmp_path))  # no screenshot: each is one more Chromium start
     assert parent.info.run_name in page, page[:2000]  # the runs table lists the parent run by its name
     assert "No data available" not in page and "Token Usage" not in page  # not the GenAI traces overview
@@ -201,7 +217,7 @@ def test_mlflow_ui_opens_the_experiment_on_its_runs_table(store, ui, tmp_path):
 @pytest.mark.browser
 @NEEDS_CHROMIUM
 def test_mlflow_ui_shows_nested_steps_metrics_and_images(ui, tmp_path):
-    (parent,) = [p for p in parents() if p.info.status == "FINISHED"]
+    parent = parents()[0]
     steps = children(parent.info.run_id)
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow-ui-parent-run.png"
@@ -215,5 +231,5 @@ def test_mlflow_ui_shows_nested_steps_metrics_and_images(ui, tmp_path):
 
     evaluate = steps["evaluate"]
     dom = browse(f"{ui}/#/experiments/{evaluate.info.experiment_id}/runs/{evaluate.info.run_id}"
-                 "/artifacts/confusion_matrix.png", tmp_path, SCREENSHOTS / "mlflow-ui-confusion-matrix.png")
+                 "/artifacts/confusion_matrix.png", tmp_path)
     assert re.search(r'<img alt="confusion_matrix\.png" src="blob:', dom), "the UI did not load the image"

@@ -54,23 +54,26 @@ def test_each_command_parses_with_its_step_script(entry, monkeypatch):
     assert seen == values
 
 
-def test_main_and_train_declare_their_shared_parameters_once():
-    text = (PROJECT_DIR / "MLproject").read_text()
-    assert text.count("learning_rate: {type") == 1 and text.count("nproc_per_node: {type") == 1
-    main, train = (MLPROJECT["entry_points"][e]["parameters"] for e in ("main", "train"))
-    shared = set(main) & set(train)
-    assert {"learning_rate", "recipe", "device", "nproc_per_node", "resume_run_id"} <= shared
-    assert all(main[k] == train[k] for k in shared)
+def test_generated_files_match_the_declarations(tmp_path):
+    """MLproject, deploy/kubernetes/MLproject and the docs' parameter table are made from cifar10_cnn's
+    declarations; a hand edit (or a new hyperparameter without regenerating) is caught here."""
+    from cifar10_cnn import entry_points
 
-
-def test_kubernetes_project_runs_the_same_main_as_mlproject():
+    stale = [str(path.relative_to(PROJECT_DIR)) for path, text in entry_points.generated(PROJECT_DIR).items()
+             if path.read_text() != text]
+    assert stale == [], f"regenerate with: python -m cifar10_cnn.entry_points ({stale})"
+    # ... and the check sees an edit: a copy of the project with one default changed by hand
+    for name in ("MLproject", "deploy/kubernetes/MLproject", "docs/pipeline.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((PROJECT_DIR / name).read_text())
+    assert entry_points.main(["--check", "--project", str(tmp_path)]) == 0
+    edited = (tmp_path / "MLproject").read_text().replace('nproc_per_node: {type: string, default: "1"}',
+                                                           'nproc_per_node: {type: string, default: "2"}', 1)
+    (tmp_path / "MLproject").write_text(edited)
+    assert entry_points.main(["--check", "--project", str(tmp_path)]) == 1
     k8s = yaml.safe_load((PROJECT_DIR / "deploy/kubernetes/MLproject").read_text())
     assert k8s["docker_env"]["image"] == "cifar10-cnn:latest"
-    ours = MLPROJECT["entry_points"]["main"]
-    theirs = k8s["entry_points"]["main"]
-    assert theirs["parameters"] == {k: {"type": v["type"], "default": v["default"]}
-                                    for k, v in ours["parameters"].items()}
-    assert theirs["command"] == ours["command"]
+    assert k8s["entry_points"]["main"] == MLPROJECT["entry_points"]["main"]
 
 
 def test_kubernetes_backend_files_parse_and_point_at_each_other():
@@ -104,3 +107,27 @@ def test_readme_is_short_and_its_links_lead_somewhere():
     for page in (PROJECT_DIR / "docs").glob("*.md"):  # and the docs' links to each other
         for link in re.findall(r"\]\(((?!https?://)[^)#]+)", page.read_text()):
             assert (page.parent / link).is_file() or (PROJECT_DIR / link).is_file(), f"{page.name}: {link}"
+
+
+def test_library_modules_are_small_listed_and_import_only_the_ones_listed_above_them():
+    """docs/pipeline.md's layout lists every module of cifar10_cnn/ in layers; a module imports (at the
+    top or inside a function) only modules listed before it, so there is no cycle, and none is long."""
+    import ast
+
+    layout = (PROJECT_DIR / "docs/pipeline.md").read_text().split("cifar10_cnn/         the library")[1]
+    order = []
+    for line in layout.split("\ndocs/")[0].splitlines()[1:]:  # "  muon, optimizers     what they do"
+        order += [name.strip() for name in re.match(r"\s+([a-z_0-9, ]+?)\s{2,}", line + "  ").group(1).split(",")]
+    modules = {p.stem: p for p in (PROJECT_DIR / "cifar10_cnn").glob("*.py") if not p.stem.startswith("__")}
+    assert sorted(order) == sorted(modules), "docs/pipeline.md's layout must list every module once"
+    for name, path in modules.items():
+        text = path.read_text()
+        assert len(text.splitlines()) <= 300, f"{name}.py has {len(text.splitlines())} lines"
+        imported = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cifar10_cnn"):
+                imported |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+        higher = {m for m in imported if m in modules and order.index(m) >= order.index(name)}
+        assert not higher, f"{name} imports {sorted(higher)}, listed at or after it"

@@ -6,7 +6,6 @@ for it, then stops both); skipped with the reason otherwise.
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import PROJECT_DIR, runs_env
+from tests.conftest import MLFLOW, PROJECT_DIR, runs_env
 
 SERVER = os.environ.get("CIFAR10_TEST_TRACKING_SERVER")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SERVER, reason="CIFAR10_TEST_TRACKING_SERVER is not set "
                                                    "(.ci/run sets it after starting PostgreSQL and mlflow server)")]
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 def test_recipe_nested_runs_registration_and_promotion_on_postgresql(archive, tmp_path, monkeypatch):

@@ -1,0 +1,149 @@
+"""main on its own: its parameters, the order and overlap of its steps, reuse and naming (no real steps run)."""
+
+import subprocess
+import threading
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cifar10_cnn import constants as C
+from cifar10_cnn import recipes, tracking
+from cifar10_cnn.errors import UserError
+from steps import main
+from tests.conftest import fails, step_runs
+
+
+def test_main_parameters_resolve_the_recipe(store):
+    from steps.main import check_main_params
+
+    raw = {k: "auto" for k in (*recipes.FIELDS, "tta")}
+    raw.update(recipe="fast", device="cpu", data="auto", expected_records="any", model_name="m",
+               resume_run_id="none", int8="true", reuse="false", nproc_per_node="1")
+    p = check_main_params({**raw, "epochs": "3"})
+    assert p["train"]["model"] == "airnet" and p["train"]["epochs"] == 3 and p["train"]["optimizer"] == "muon"
+    assert p["train"]["precision"] == "auto"  # decided by the train step, on the device it trains on
+    assert p["tta"] == "crops" and p["reuse"] is False and p["resume_run_id"] == "none"
+    assert check_main_params({**raw, "recipe": "seed"})["tta"] == "false"
+    assert check_main_params({**raw, "tta": "true"})["tta"] == "flip"  # true kept its old meaning
+    assert check_main_params({**raw, "budget_minutes": "5"})["train"]["budget_minutes"] == 5.0
+    with pytest.raises(UserError, match="give epochs or budget_minutes, not both"):
+        check_main_params({**raw, "budget_minutes": "5", "epochs": "3"})
+    with pytest.raises(UserError, match="tta must be one of false, flip, crops; got 'maybe'"):
+        check_main_params({**raw, "tta": "maybe"})
+    with pytest.raises(UserError, match="recipe must be one of seed, fast; got 'slow'"):
+        check_main_params({**raw, "recipe": "slow"})
+    with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
+        check_main_params({**raw, "epochs": "2", "warmup_epochs": "3"})
+
+
+def test_main_runs_evaluate_beside_export_and_names_a_failed_evaluate(store, archive, monkeypatch, capsys):
+    """Export starts before evaluate ends, with evaluate's run id; when evaluate fails, that is what main
+    reports (export, which waited for it, fails too). mlflow.projects.run is replaced by a fake that makes
+    the nested run as MLflow does, then plays the step; events, not sleeps, order the two."""
+    client, started = MlflowClient(), []
+    export_started, evaluate_done = threading.Event(), threading.Event()
+
+    def fake_projects_run(uri, entry_point, parameters, experiment_id, **_):
+        run = client.create_run(experiment_id, tags={C.TAG_PARENT_RUN: mlflow.active_run().info.run_id,
+                                                      C.TAG_ENTRY_POINT: entry_point, C.TAG_STEP: entry_point})
+        started.append((entry_point, parameters, evaluate_done.is_set()))
+        if entry_point == "evaluate":
+            assert export_started.wait(30), "export did not start while evaluate ran"
+            client.set_terminated(run.info.run_id, "FAILED")
+            evaluate_done.set()
+            raise mlflow.exceptions.ExecutionException("evaluate failed")
+        if entry_point == "export":
+            export_started.set()
+            assert evaluate_done.wait(30)  # as export waits for its sibling, then finds it FAILED
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise mlflow.exceptions.ExecutionException("export failed")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info
+
+    monkeypatch.setattr(mlflow.projects, "run", fake_projects_run)
+    fails(main, ["--data", str(archive), "--reuse", "false"], capsys, "step evaluate failed")
+    names = [name for name, _, _ in started]
+    assert names == ["ingest", "train", "evaluate", "export"]
+    (evaluate_id,) = [r.info.run_id for r in step_runs("evaluate")]
+    export_params, evaluate_had_ended = started[3][1:]
+    assert export_params["evaluate_run_id"] == evaluate_id and not evaluate_had_ended
+    (parent,) = step_runs("main")
+    assert parent.info.status == "FAILED"
+
+
+def test_export_waits_only_for_an_evaluate_run_of_its_own_pipeline(store, monkeypatch):
+    """main runs evaluate beside export: export waits for such a run to end, and for no other."""
+    client = MlflowClient()
+    pipeline = client.create_run("0").info.run_id
+
+    def step_run(step, parent):
+        return client.create_run("0", tags={C.TAG_STEP: step, **({C.TAG_PARENT_RUN: parent} if parent else {})})
+    sibling, stranger = step_run("evaluate", pipeline).info.run_id, step_run("evaluate", None).info.run_id
+    polls = []
+
+    def poll(seconds):  # export's wait between two looks at the store: the sibling ends on the third
+        polls.append(seconds)
+        if len(polls) == 3:
+            client.set_terminated(sibling, "FINISHED")
+
+    monkeypatch.setattr(tracking, "time", SimpleNamespace(sleep=poll))  # tracking's clock only
+    with mlflow.start_run(run_id=step_run("export", pipeline).info.run_id):
+        assert tracking.running_beside(sibling, "evaluate") and not tracking.running_beside(stranger, "evaluate")
+        with pytest.raises(UserError, match="ended RUNNING"):  # not waited for: no pipeline of ours runs it
+            tracking.upstream(stranger, "evaluate", wait_in_pipeline=True)
+        assert polls == []
+        assert tracking.upstream(sibling, "evaluate", wait_in_pipeline=True).info.status == "FINISHED"
+        assert len(polls) == 3  # it looked until the run had ended
+        client.set_terminated(stranger, "FAILED")
+        with pytest.raises(UserError, match="ended FAILED"):
+            tracking.upstream(stranger, "evaluate", wait_in_pipeline=True)
+
+
+def test_reuse_takes_only_a_finished_run_of_the_same_code_parameters_and_data(store):
+    client = MlflowClient()
+    params = {"ingest_run_id": "a" * 32, "epochs": "2"}
+
+    def step_run(status="FINISHED", commit="c0ffee", **changed):
+        run = client.create_run("0", tags={C.TAG_STEP: "train", "mlflow.source.git.commit": commit,
+                                           C.TAG_SOURCE_SHA256: "d1"})
+        for key, value in {**params, **changed}.items():
+            client.log_param(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    step_run(epochs="3"), step_run(commit="0ther"), step_run(status="FAILED")
+    assert tracking.reusable("0", "train", params, "c0ffee", {}) is None
+    same = step_run()
+    assert tracking.reusable("0", "train", params, "c0ffee", {}) == same
+    assert tracking.reusable("0", "train", params, "c0ffee", {C.TAG_SOURCE_SHA256: "d2"}) is None  # other data
+    assert tracking.reusable("0", "train", {**params, "epochs": "3"}, "c0ffee", {}) != same
+
+
+def test_code_version_is_a_clean_git_commit(tmp_path):
+    from cifar10_cnn.tracking import code_version
+
+    assert code_version(tmp_path) == (None, f"{tmp_path} is not a git checkout")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "code.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "one"]):
+        subprocess.run(git + cmd, check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == (head, "")
+    (tmp_path / "notes.txt").write_text("untracked files do not change the code\n")
+    assert code_version(tmp_path) == (head, "")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == (None, "the project has uncommitted changes, so its code is not a known version")
+
+
+def test_parent_runs_are_named_after_what_they_train():
+    from steps.main import run_name
+
+    assert run_name({"recipe": "seed", "model": "simple_cnn", "epochs": 5, "budget_minutes": 0.0}) == \
+        "seed · simple_cnn · 5 epochs"
+    assert run_name({"recipe": "seed", "model": "vgg11", "epochs": 1, "budget_minutes": 0.0}) == \
+        "seed · vgg11 · 1 epoch"
+    assert run_name({"recipe": "fast", "model": "airnet", "epochs": 10, "budget_minutes": 7.5}) == \
+        "fast · airnet · 7.5 min"
+    assert run_name({"recipe": "fast", "model": "auto"}) == "fast (resumed)"  # train reads the killed run's
