@@ -50,6 +50,11 @@ TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive
 TAG_HARDWARE = "cifar10.hardware"  # train run: the device it trained on and its features (hardware.describe)
 TAG_DECISION = "cifar10.auto."  # train run: + precision / channels_last / warning: why auto chose what it chose
 TAG_REUSED = "cifar10.reused"  # main run: the steps it took from earlier runs instead of running them
+TAG_STUDY = "cifar10.tune.study"  # tune run, and the winner's train run: the study's name
+TAG_STUDY_RUN = "cifar10.tune.study_run_id"  # the winner's train run: the study run its parameters came from
+TAG_STUDY_TRIALS = "cifar10.tune.trials"  # the winner's train run: trials in the study
+TAG_STUDY_BEST_TRIAL = "cifar10.tune.best_trial"  # the winner's train run: the trial whose parameters it has
+TAG_STUDY_BEST = "cifar10.tune.best_val_accuracy"  # the winner's train run: that trial's held-out accuracy
 PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
 ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor
 ONNX_INT8_MODEL_NAME = "onnx_int8_model"  # name= of the quantized ONNX model

@@ -251,6 +251,24 @@ def load(directory: Path, splits: tuple[str, ...] = ("train", "test")) -> Cifar1
     return Cifar10(**arrays, class_names=tuple(meta["class_names"]))
 
 
+def holdout(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): indices into `labels`, each in ascending order; `count` / NUM_CLASSES images of each
+    class held out, drawn with `seed`. The same labels, count and seed give the same split everywhere."""
+    if count == 0:
+        return np.arange(len(labels)), np.empty(0, dtype=np.int64)
+    per_class = count // C.NUM_CLASSES
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in range(C.NUM_CLASSES):
+        members = np.flatnonzero(labels == c)
+        if len(members) <= per_class:
+            raise UserError(f"validation={count} holds out {per_class} images of class {c}, but the training set "
+                            f"has only {len(members)} of them; hold out fewer")
+        held.append(rng.choice(members, per_class, replace=False))
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
 def digest_of(directory: Path) -> str:
     """The dataset sha256 recorded by `save`, without loading the arrays."""
     return json.loads((Path(directory) / "meta.json").read_text())["sha256"]

@@ -38,6 +38,15 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "model_uri": (f"models:/{C.DEFAULT_MODEL_NAME}{C.ONNX_REGISTERED_SUFFIX}@{C.CANDIDATE_ALIAS}",
                   "the model to score with: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/<id>/<name>"),
     "images": (None, "a folder (or file) of images, or a CIFAR-10 archive or folder (its test images, scored)"),
+    # tune's own
+    "trials": ("20", "trials in all (every worker together)"),
+    "budget_minutes": ("60", "wall-clock minutes for the whole tune: no trial starts that would not leave room "
+                             "for it and for training the winner"),
+    "space": ("auto", "what to search: name=low:high[:log] or name=a|b|c, comma-separated (auto: the recipe's)"),
+    "study": ("auto", "the study's name: the same name resumes it or joins it (auto: <recipe>-<date-time>)"),
+    "workers": ("1", "trial processes at once on this machine (more machines: the same command, one store)"),
+    "validation": ("5000", "training images held out to score the trials (a tenth of them per class)"),
+    "search_seed": ("42", "seed of the sampler (TPE); each worker's is derived from it"),
 }
 HYPERPARAMETERS = "<every hyperparameter>"  # in ENTRY_POINTS: recipes.FIELDS, each 'auto' by default
 ENTRY_POINTS: dict[str, tuple[str, ...]] = {
@@ -49,6 +58,8 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "export": ("train_run_id", "evaluate_run_id", "model_name", "int8"),
     "predict": ("model_uri", "images"),
     "promote": ("version", "model_name", "force"),
+    "tune": ("recipe", "trials", "budget_minutes", "space", "study", "workers", "validation", "search_seed", "data",
+             "expected_records", "device", "model_name", "int8", "reuse"),
 }
 KUBERNETES_ENTRY_POINTS = ("main",)
 
@@ -58,8 +69,10 @@ def arguments(entry_point: str) -> list[str]:
     return [n for name in ENTRY_POINTS[entry_point] for n in (recipes.FIELDS if name == HYPERPARAMETERS else (name,))]
 
 
-def default_and_help(name: str) -> tuple[str | None, str]:
-    if name in recipes.SPECS:
+def default_and_help(name: str, entry_point: str = "main") -> tuple[str | None, str]:
+    """An argument's default and help: a hyperparameter's declaration where the entry point takes them all
+    (tune's budget_minutes is its own option, not the training's)."""
+    if name in recipes.SPECS and HYPERPARAMETERS in ENTRY_POINTS[entry_point]:
         spec = recipes.SPECS[name]
         unit = f" ({spec['unit']})" if spec["unit"] else ""
         return recipes.AUTO, f"{spec['check'].describe()}{unit}: {spec['help']}"
@@ -70,8 +83,8 @@ def parser(entry_point: str, description: str | None = None) -> argparse.Argumen
     """argparse for `python -m steps.<entry_point>`: every argument as a string, checked by the step."""
     parse = argparse.ArgumentParser(prog=f"python -m steps.{entry_point}", description=description)
     for name in arguments(entry_point):
-        default, help_text = default_and_help(name)
-        if name in recipes.SPECS:
+        default, help_text = default_and_help(name, entry_point)
+        if name in recipes.SPECS and HYPERPARAMETERS in ENTRY_POINTS[entry_point]:
             help_text = f"'auto' (the recipe's) or {help_text}"
         parse.add_argument(f"--{name.replace('_', '-')}", default=default, required=default is None,
                            help=help_text.replace("%", "%%"))
@@ -88,8 +101,8 @@ HEADER = """\
 """
 
 
-def _parameter(name: str, indent: str) -> str:
-    default, help_text = default_and_help(name)
+def _parameter(name: str, indent: str, entry_point: str = "main") -> str:
+    default, help_text = default_and_help(name, entry_point)
     spec = "{type: string}" if default is None else f'{{type: string, default: "{default}"}}'
     return f"{indent}{name}: {spec}  # {help_text}"
 
@@ -108,7 +121,7 @@ def _entry_points(names: tuple[str, ...]) -> list[str]:
         out += [f"  {entry_point}:", "    parameters:"]
         if HYPERPARAMETERS in ENTRY_POINTS[entry_point]:
             out.append("      <<: *hyperparameters")
-        out += [_parameter(n, "      ") for n in ENTRY_POINTS[entry_point] if n != HYPERPARAMETERS]
+        out += [_parameter(n, "      ", entry_point) for n in ENTRY_POINTS[entry_point] if n != HYPERPARAMETERS]
         out += [_command(entry_point, "    "), ""]
     return out
 

@@ -124,3 +124,27 @@ def confident_mistakes(images, labels, probabilities, class_names, count: int = 
     fig.suptitle("most confident mistakes (predicted, confidence / true class)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def study_figures(study) -> dict[str, Figure]:
+    """Optuna's own pictures of a study: the best value over the trials, which parameters mattered (once two
+    trials have finished), and every trial's parameters against its value."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as views
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    figures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib views experimental, on every call
+        figures["optimization_history"] = views.plot_optimization_history(study).figure
+        if len(complete) >= 2:
+            figures["param_importances"] = views.plot_param_importances(study).figure
+        figures["parallel_coordinate"] = views.plot_parallel_coordinate(study).figure
+    for figure in figures.values():
+        figure.set_size_inches(9, 5)
+        figure.tight_layout()
+    return figures

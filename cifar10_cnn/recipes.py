@@ -71,6 +71,9 @@ class TrainConfig:
                                            "first); the schedule is stretched to that length", "minutes")
     filter_lr: float = hyperparameter(0.06, POSITIVE, "muon: a conv filter bank's step per optimizer step, "
                                       "relative to its norm (the peak)")
+    validation: int = hyperparameter(0, NON_NEGATIVE_INT, "training images held out and never trained on: a "
+                                     "class-balanced sample drawn from the seed (a tenth per class); val_accuracy "
+                                     "and val_loss after every epoch", "images")
 
 
 FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -132,6 +135,9 @@ def check(config: TrainConfig) -> TrainConfig:
     """What no single field's check can see: the fields against each other."""
     if config.warmup_epochs > config.epochs:
         raise UserError(f"warmup_epochs ({config.warmup_epochs}) is longer than the training ({config.epochs} epochs)")
+    if config.validation % 10:
+        raise UserError(f"validation must be a multiple of 10 (as many images from each class), got "
+                        f"{config.validation}")
     return config
 
 

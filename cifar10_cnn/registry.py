@@ -41,6 +41,10 @@ def card_facts(train_run, eval_run, ingest_run, class_names, parity, run_ids: di
         "per_class": {c: eval_run.data.metrics.get(f"test_accuracy_{c}", float("nan")) for c in class_names},
         "onnx_max_abs_diff": parity.max_abs_diff, "onnx_mismatches": parity.argmax_mismatches,
         "parity_images": parity.images, "run_ids": run_ids,
+        "tuned": {key: train_run.data.tags[tag] for key, tag in (
+            ("study", C.TAG_STUDY), ("study_run_id", C.TAG_STUDY_RUN), ("trials", C.TAG_STUDY_TRIALS),
+            ("best_trial", C.TAG_STUDY_BEST_TRIAL), ("best_val_accuracy", C.TAG_STUDY_BEST))
+            if tag in train_run.data.tags} or None,
     }
 
 
@@ -48,7 +52,7 @@ def model_card(
     *, name: str, version: str, flavor: str, model: str, num_parameters: int, train_params: dict,
     source: str, sha256: str, sizes: dict, test_accuracy: float, test_loss: float, per_class: dict,
     onnx_max_abs_diff: float, onnx_mismatches: int, parity_images: int, run_ids: dict,
-    quantized: dict | None = None,
+    quantized: dict | None = None, tuned: dict | None = None,
 ) -> str:
     """The description shown for a registered version in `mlflow ui`: what it is, how good, how to use it."""
     uri = f"models:/{name}/{version}"
@@ -76,6 +80,10 @@ def model_card(
          f"{quantized['speedup_batch1']:.2f}x at batch 1."),
         f"* Data: `{source}`, sha256 `{sha256}`, {sizes.get('train', '?'):,} train / {sizes.get('test', '?'):,} test.",
         f"* Training: {optimizer}, {hyper}, on {train_params.get('train_device', '?')}.",
+        *([f"* Tuned: the parameters of trial {tuned['best_trial']} of study `{tuned['study']}` (run "
+           f"`{tuned['study_run_id']}`, {tuned['trials']} trials), chosen on held-out training images (accuracy "
+           f"{100 * float(tuned['best_val_accuracy']):.2f} %), then trained on all of them; the test images "
+           "scored this model only."] if tuned else []),
         "* Runs: " + ", ".join(f"{k} `{v}`" for k, v in run_ids.items() if v) + ".",
         "",
         "Input `images`: uint8 RGB `[batch, 32, 32, 3]` (NHWC, raw pixels; normalization is inside the model). "

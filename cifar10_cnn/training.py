@@ -34,6 +34,8 @@ class EpochResult:
     accuracy: float  # fraction of the epoch's training images classified right (in train mode)
     seconds: float
     images_per_s: float
+    val_loss: float | None = None  # on the held-out images (validation > 0), in eval mode after the epoch
+    val_accuracy: float | None = None
 
 
 class Diverged(CheckFailed):
@@ -66,6 +68,7 @@ def train(
     resume: dict | None = None,  # such a checkpoint: training continues after its last epoch
     check_every: int = 50,  # steps between NaN checks; each check waits for the device
     on_plan: Callable[[Plan], None] | None = None,  # told how many steps will run, before the first
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # uint8 images, int64 labels: scored every epoch
 ) -> list[EpochResult]:
     started = time.perf_counter()
     if "auto" in (config.precision, config.channels_last):
@@ -162,7 +165,8 @@ def train(
         if not torch.isfinite(loss_sum):
             _diverged(loss_sum, epoch, epoch_steps - 1, config)
         seconds = time.perf_counter() - start
-        result = EpochResult(epoch, loss_sum.item() / seen, correct.item() / seen, seconds, seen / seconds)
+        scored = validate(net, held_out, device, autocast, memory_format) if held_out is not None else {}
+        result = EpochResult(epoch, loss_sum.item() / seen, correct.item() / seen, seconds, seen / seconds, **scored)
         history.append(result)
         if on_epoch:
             on_epoch(result)
@@ -173,6 +177,25 @@ def train(
                 "total_steps": plan.total_steps})
     net.to(memory_format=torch.contiguous_format)
     return history
+
+
+@torch.inference_mode()
+def validate(net: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], device: torch.device, autocast,
+             memory_format, batch_size: int = 1000) -> dict[str, float]:
+    """Loss and accuracy on the held-out images, in eval mode (batch norm uses its running statistics and
+    learns nothing), in the training's precision and memory format; the network is back in train mode after."""
+    images, labels = held_out
+    net.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(labels), batch_size):
+        x = models.normalize(images[i : i + batch_size].to(device)).contiguous(memory_format=memory_format)
+        y = labels[i : i + batch_size].to(device)
+        with autocast:
+            logits = net(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    net.train()
+    return {"val_loss": loss / len(labels), "val_accuracy": correct / len(labels)}
 
 
 def plan_budget(config: TrainConfig, steps_per_epoch: int, started: float, step_on, net: nn.Module) -> Plan:

@@ -78,7 +78,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
             "pipeline_run_id": mlflow.get_run(export_run_id).data.tags.get(C.TAG_PARENT_RUN, ""),
             "test_accuracy": f"{eval_run.data.metrics['test_accuracy']:.4f}",
             "dataset_sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""), "model": config.model,
-            "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}"}
+            "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}",
+            **({"study": train_run.data.tags[C.TAG_STUDY]} if C.TAG_STUDY in train_run.data.tags else {})}
     onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
     pt_version = registry.register(pytorch_info, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
     onnx_version = registry.register(onnx_info, onnx_name,

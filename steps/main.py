@@ -1,80 +1,28 @@
 """main: check every parameter, then run ingest -> train -> evaluate -> export as nested MLflow runs
 under this (parent) run. Needs no torch."""
 
-import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import entry_points, params, recipes, sources, tracking
+from cifar10_cnn import entry_points, params, pipeline, recipes, sources, tracking
 from cifar10_cnn.errors import UserError
-from cifar10_cnn.progress import say
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def run(**raw) -> None:
     p = check_main_params(raw)
-    if not (PROJECT_DIR / "MLproject").is_file():
-        raise UserError(f"{PROJECT_DIR} has no MLproject; run main from a checkout of the project")
-    # Children run `python` from PATH (env_manager=local): make it this interpreter, whatever PATH says.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     parent = mlflow.active_run()
     mlflow.MlflowClient().update_run(parent.info.run_id, name=run_name(p["train"]))
-    experiment_id = parent.info.experiment_id
-    commit = None
-    if p["reuse"]:
-        commit, why_not = tracking.code_version(PROJECT_DIR)
-        if commit is None:
-            say("main", f"not reusing earlier step runs: {why_not}")
-    reused: list[str] = []
-
-    def step(entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
-        parameters = {k: str(v) for k, v in parameters.items()}
-        if can_reuse and commit and (earlier := tracking.reusable(experiment_id, entry_point, parameters, commit,
-                                                                  match_tags or {})):
-            say("main", f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
-            reused.append(entry_point)
-            mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), earlier)
-            return earlier
-        say("main", f"step {entry_point} …")
-        try:
-            submitted = mlflow.projects.run(
-                str(PROJECT_DIR), entry_point, parameters=parameters,
-                env_manager="local", experiment_id=experiment_id, run_name=entry_point, synchronous=True,
-            )
-        except mlflow.exceptions.ExecutionException:
-            raise UserError(f"step {entry_point} failed; its error is printed above") from None
-        mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), submitted.run_id)
-        return submitted.run_id
-
-    data_tags = {C.TAG_SOURCE_SHA256: sources.source_digest(p["source"])} if commit and p["source"] else None
-    if commit and data_tags is None:
-        say("main", "ingest will download the data, so it runs again (its digest is not known yet)")
-    ingest_id = step("ingest", {"data": p["data"], "expected_records": p["expected_records"]},
-                     can_reuse=data_tags is not None, match_tags=data_tags)
-    train_id = step("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],
-                              "nproc_per_node": p["nproc_per_node"], "resume_run_id": p["resume_run_id"]})
-    # evaluate and export side by side: both start from the train run, and export waits for evaluate's
-    # results only before it registers. Each step spends seconds starting (imports, the store), which two
-    # cores overlap: the pair takes about the time of export alone. MLflow's active run is per thread, so
-    # the pipeline run is made active in evaluate's thread too, and evaluate nests under it as usual.
-    def evaluate_beside() -> str:
-        mlflow.start_run(run_id=parent.info.run_id)
-        return step("evaluate", {"train_run_id": train_id, "device": p["device"], "tta": p["tta"]})
-
-    evaluate = tracking.in_thread(evaluate_beside)
-    try:
-        evaluate_started = tracking.child_run_id(evaluate, parent.info.run_id, experiment_id, "evaluate")
-        export_id = step("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
-                                    "model_name": p["model_name"], "int8": p["int8"]})
-    except UserError:
-        evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
-        raise
-    evaluate_id = evaluate.result()
+    steps = pipeline.Steps(PROJECT_DIR, "main", p["reuse"])
+    ingest_id = steps.ingest(p["data"], p["expected_records"], p["source"])
+    train_id = steps.run("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],
+                                   "nproc_per_node": p["nproc_per_node"], "resume_run_id": p["resume_run_id"]})
+    evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], p["tta"], p["model_name"], p["int8"])
+    reused = steps.reused
     mlflow.set_tag(C.TAG_REUSED, ",".join(reused) or "none")
 
     metrics = mlflow.get_run(evaluate_id).data.metrics

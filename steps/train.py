@@ -23,6 +23,7 @@ from cifar10_cnn import (
     training,
 )
 from cifar10_cnn import constants as C
+from cifar10_cnn import data as datalib
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -42,9 +43,15 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
         if world > 1:
             distributed.share(None)  # the other ranks stop instead of waiting for data that never comes
         raise
+    # validation > 0: a class-balanced sample of the training images is held out, never trained on, and
+    # scored after every epoch (the images a search chooses on; the test images stay for the final model).
+    kept, held = datalib.holdout(dataset.train_labels, config.validation, config.seed)
+    images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels).long()
+    held_out = (images[held], labels[held]) if len(held) else None
+    if len(held):
+        images, labels = images[kept], labels[kept]
     if world > 1:
-        distributed.share({"config": config, "resume": resume, "train_images": dataset.train_images,
-                        "train_labels": dataset.train_labels})
+        distributed.share({"config": config, "resume": resume, "train_images": images, "train_labels": labels})
         mlflow.log_params({"world_size": world, "per_process_batch": config.batch_size // world})
         say("train", f"{world} processes ({'NCCL' if target.type == 'cuda' else 'gloo'}), global batch "
                       f"{config.batch_size} = {world} x {config.batch_size // world}, learning rate as given")
@@ -52,7 +59,8 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     net = models.build(config.model, seed=config.seed)
     n_params = models.count_parameters(net)
     tracking.log_new_params({**asdict(config), "num_parameters": n_params, "train_device": target,
-                             "train_records": len(dataset.train_labels), "precision_used": config.precision,
+                             "train_records": len(labels), "validation_records": len(held),
+                             "precision_used": config.precision,
                              "channels_last_used": config.channels_last})
     mlflow.log_dict(asdict(config), "config.json")  # the resolved recipe, whatever the params said
     caps = hardware.capabilities(target)
@@ -61,7 +69,8 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     for key, reason in why.items():
         say("train", f"{key}: {reason}" if key != "warning" else f"WARNING: {reason}")
     filters = f" (filters {config.filter_lr})" if config.optimizer == "muon" else ""
-    say("train", f"{config.model}, {n_params:,} parameters, {len(dataset.train_labels):,} images on "
+    say("train", f"{config.model}, {n_params:,} parameters, {len(labels):,} images"
+                  + (f" ({len(held):,} held out)" if len(held) else "") + " on "
                   f"{hardware.describe(caps)}; batch {config.batch_size}, {config.optimizer} lr {config.learning_rate}"
                   f"{filters} ({config.lr_schedule}), {config.precision}"
                   + (", channels-last" if config.channels_last else "") + (", flip+crop" if config.augment else ""))
@@ -82,8 +91,9 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
 
     def on_epoch(r: training.EpochResult) -> None:
         log_epoch(r)
-        say("train", f"Epoch [{r.epoch}/{planned[0]}], Loss: {r.loss:.4f}, Accuracy: {r.accuracy:.2%}, "
-                      f"{r.seconds:.1f}s ({r.images_per_s:,.0f} img/s)")
+        held_out_line = f", val accuracy {r.val_accuracy:.2%}" if r.val_accuracy is not None else ""
+        say("train", f"Epoch [{r.epoch}/{planned[0]}], Loss: {r.loss:.4f}, Accuracy: {r.accuracy:.2%}"
+                      f"{held_out_line}, {r.seconds:.1f}s ({r.images_per_s:,.0f} img/s)")
 
     if resume is not None:
         done = [training.EpochResult(**h) for h in resume["history"]]
@@ -91,12 +101,12 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
             log_epoch(r)
         mlflow.set_tag(C.TAG_RESUMED_FROM, f"{resume_run_id} after epoch {len(done)}")
         say("train", f"resuming train run {resume_run_id} after epoch {len(done)} of {config.epochs}")
+
     def on_checkpoint(net, history: list, state: dict) -> None:
         checkpoints.log_epoch_checkpoint(checkpoints.snapshot(net, config, history, state))
 
-    history = training.train(net, torch.from_numpy(dataset.train_images),
-                             torch.from_numpy(dataset.train_labels).long(), config, target, on_epoch,
-                             on_checkpoint=on_checkpoint, resume=resume, on_plan=on_plan)
+    history = training.train(net, images, labels, config, target, on_epoch, on_checkpoint=on_checkpoint,
+                             resume=resume, on_plan=on_plan, held_out=held_out)
 
     mlflow.log_metric("train_seconds", sum(r.seconds for r in history))
     net.cpu().eval()
@@ -149,13 +159,13 @@ def run_worker(device: str, **_ignored) -> None:
     if target.type == "cuda":
         target = torch.device("cuda", torch.cuda.current_device())
     net = models.build(config.model, seed=config.seed)
-    training.train(net, torch.from_numpy(payload["train_images"]), torch.from_numpy(payload["train_labels"]).long(),
-                   config, target, resume=payload["resume"])
+    training.train(net, payload["train_images"], payload["train_labels"], config, target, resume=payload["resume"])
 
 
 def log_epoch(r: training.EpochResult) -> None:
+    held_out = {"val_loss": r.val_loss, "val_accuracy": r.val_accuracy} if r.val_accuracy is not None else {}
     mlflow.log_metrics({"train_loss": r.loss, "train_accuracy": r.accuracy, "epoch_seconds": r.seconds,
-                        "train_images_per_s": r.images_per_s}, step=r.epoch)
+                        "train_images_per_s": r.images_per_s, **held_out}, step=r.epoch)
 
 
 def main(argv=None):

@@ -24,7 +24,8 @@ def test_environment_files_list_the_same_dependencies():
 
 def test_mlproject_points_at_python_env():
     assert MLPROJECT["python_env"] == "python_env.yaml"
-    assert set(MLPROJECT["entry_points"]) == {"main", "ingest", "train", "evaluate", "export", "promote", "predict"}
+    assert set(MLPROJECT["entry_points"]) == {"main", "ingest", "train", "evaluate", "export", "promote", "predict",
+                                              "tune"}
 
 
 @pytest.mark.parametrize("entry", sorted(MLPROJECT["entry_points"]))

@@ -1,0 +1,89 @@
+"""The pipeline's steps as nested runs of the active run (main's, or tune's for its winner).
+
+Each step is an entry point of the project, run with `mlflow.projects.run(..., env_manager="local")` in
+its own process, so it can be rerun on its own and on other backends; the active run becomes its parent.
+Like MLflow's multistep example, a FINISHED run of the same step with the same parameters, made by the
+same git commit (and for ingest, from the same archive bytes), is reused instead of run again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+
+from . import constants as C
+from . import sources, tracking
+from .errors import UserError
+from .progress import say
+
+
+class Steps:
+    """The steps of one pipeline run: `who` names it in what it prints (main, tune)."""
+
+    def __init__(self, project_dir: Path, who: str, reuse: bool):
+        if not (project_dir / "MLproject").is_file():
+            raise UserError(f"{project_dir} has no MLproject; run {who} from a checkout of the project")
+        # Children run `python` from PATH (env_manager=local): make it this interpreter, whatever PATH says.
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        parent = mlflow.active_run()
+        self.project_dir, self.who, self.parent_id = project_dir, who, parent.info.run_id
+        self.experiment_id = parent.info.experiment_id
+        self.reused: list[str] = []
+        self.commit = None
+        if reuse:
+            self.commit, why_not = tracking.code_version(project_dir)
+            if self.commit is None:
+                say(who, f"not reusing earlier step runs: {why_not}")
+
+    def run(self, entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
+        """The run id of `entry_point` with these parameters: an earlier FINISHED one, or a new nested run."""
+        parameters = {k: str(v) for k, v in parameters.items()}
+        if can_reuse and self.commit and (earlier := tracking.reusable(
+                self.experiment_id, entry_point, parameters, self.commit, match_tags or {})):
+            say(self.who, f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
+            self.reused.append(entry_point)
+            mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), earlier)
+            return earlier
+        say(self.who, f"step {entry_point} …")
+        try:
+            submitted = mlflow.projects.run(
+                str(self.project_dir), entry_point, parameters=parameters,
+                env_manager="local", experiment_id=self.experiment_id, run_name=entry_point, synchronous=True,
+            )
+        except mlflow.exceptions.ExecutionException:
+            raise UserError(f"step {entry_point} failed; its error is printed above") from None
+        mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), submitted.run_id)
+        return submitted.run_id
+
+    def ingest(self, data: str, expected_records: str, source: sources.Source | None) -> str:
+        """ingest, reused only when the archive's bytes are known to be the same (a download is not)."""
+        data_tags = {C.TAG_SOURCE_SHA256: sources.source_digest(source)} if self.commit and source else None
+        if self.commit and data_tags is None:
+            say(self.who, "ingest will download the data, so it runs again (its digest is not known yet)")
+        return self.run("ingest", {"data": data, "expected_records": expected_records},
+                        can_reuse=data_tags is not None, match_tags=data_tags)
+
+    def evaluate_and_export(self, train_id: str, device: str, tta: str, model_name: str, int8: str) -> tuple[str, str]:
+        """(evaluate run id, export run id), the two side by side.
+
+        Both start from the train run, and export waits for evaluate's results only before it registers.
+        Each step spends seconds starting (imports, the store), which two cores overlap: the pair takes
+        about the time of export alone. MLflow's active run is per thread, so the parent run is made
+        active in evaluate's thread too, and evaluate nests under it as usual.
+        """
+        def evaluate_beside() -> str:
+            mlflow.start_run(run_id=self.parent_id)
+            return self.run("evaluate", {"train_run_id": train_id, "device": device, "tta": tta})
+
+        evaluate = tracking.in_thread(evaluate_beside)
+        try:
+            evaluate_started = tracking.child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
+            export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
+                                            "model_name": model_name, "int8": int8})
+        except UserError:
+            evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
+            raise
+        return evaluate.result(), export_id

@@ -1,0 +1,246 @@
+"""Hyperparameter search with Optuna: search spaces over a recipe's fields, and trials that train on the
+training images and are scored on held-out ones (never on the test images).
+
+A space is text, `name=low:high[:log]` for a number or `name=a|b|c` for choices, items separated by
+commas, e.g. `filter_lr=0.02:0.2:log,momentum=0.6:0.95,batch_size=256|512|1024`. Every name is a
+field of `recipes.TrainConfig`, and every bound or choice must pass that field's own check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+import mlflow
+
+from . import recipes
+from .errors import UserError
+from .params import Number
+
+if TYPE_CHECKING:
+    import optuna
+
+# Each recipe's default search space, beside the recipe: the fields its results are most sensitive to,
+# within ranges where the recipe still trains (wider ranges cost trials to find that out).
+SPACES = {
+    "seed": "learning_rate=0.0003:0.003:log,batch_size=16|32|64,epochs=3:6",
+    "fast": "filter_lr=0.02:0.2:log,learning_rate=0.3:1.5:log,momentum=0.7:0.95,label_smoothing=0:0.3,"
+            "weight_decay=0.0003:0.003:log,batch_size=256|512|1024,epochs=6:10",
+}
+assert set(SPACES) == set(recipes.RECIPES)
+# Median pruning: a trial whose validation accuracy after an epoch is below the median of the earlier
+# trials' at the same epoch stops there. It needs no budget ladder (successive halving does), so it works
+# with the handful of trials a CPU affords; from the second epoch on (the first says little under a
+# one-cycle schedule that has barely decayed), and once two trials have finished.
+PRUNE_AFTER_TRIALS = 2
+PRUNE_FROM_EPOCH = 2
+# What the winner costs beyond its training (a process per step, evaluate, export, registration), kept free
+# of trials at the end of the budget; the winner's training itself is estimated from the trials'.
+PIPELINE_RESERVE_S = 90
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    low: float | None = None  # a range ...
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()  # ... or choices
+
+    def suggest(self, trial: optuna.Trial):
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "|".join(str(c).lower() for c in self.choices)
+        return f"{self.low:g}:{self.high:g}" + (":log" if self.log else "")
+
+
+def parse_space(text: str) -> dict[str, Dimension]:
+    """The space `text` describes, every item checked against its field's declaration; UserError otherwise."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise UserError(f"space must name at least one training parameter (e.g. {SPACES['fast'].split(',')[0]}), "
+                        f"got {text!r}")
+    space: dict[str, Dimension] = {}
+    for item in items:
+        name, sep, spec = (part.strip() for part in item.partition("="))
+        if not sep or not spec:
+            raise UserError(f"space item {item!r} is not name=low:high[:log] or name=a|b|c")
+        if name not in recipes.SPECS:
+            raise UserError(f"space: {name!r} is not a training parameter; they are {', '.join(recipes.FIELDS)}")
+        if name in space:
+            raise UserError(f"space names {name!r} twice")
+        check = recipes.SPECS[name]["check"]
+        if ":" in spec and "|" not in spec and not isinstance(check, Number):
+            raise UserError(f"space: {name} is not a number; give it choices (a|b), not the range {spec!r}")
+        if "|" in spec or not isinstance(check, Number):
+            values = tuple(recipes.parse(name, v.strip()) for v in spec.split("|"))
+            if len(set(values)) < 2:
+                raise UserError(f"space: {name}={spec} offers no choice; give two values or more (a|b)")
+            space[name] = Dimension(name, choices=values)
+            continue
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2].strip() != "log"):
+            raise UserError(f"space: {name}={spec} is not low:high or low:high:log")
+        low, high = (recipes.parse(name, p.strip()) for p in parts[:2])
+        if not low < high:
+            raise UserError(f"space: {name}={spec} is an empty range (low must be below high)")
+        log = len(parts) == 3
+        if log and low <= 0:
+            raise UserError(f"space: {name}={spec} cannot be searched on a log scale from {low} (must be > 0)")
+        space[name] = Dimension(name, low, high, log)
+    return space
+
+
+def default_space(recipe: str) -> dict[str, Dimension]:
+    return parse_space(SPACES[recipe])
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Dimension]) -> dict:
+    return {name: dimension.suggest(trial) for name, dimension in space.items()}
+
+
+def sampler(seed: int, trials: int, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE, seeded (each worker differently, or two would propose the same trials). Random proposals for the
+    first third of the trials (at least 2), then TPE's model of what scored well."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=max(2, math.ceil(trials / 3)))
+
+
+def pruner() -> optuna.pruners.BasePruner:
+    import optuna
+
+    # optuna prunes at a reported step >= n_warmup_steps; our steps are epochs, from 1
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=PRUNE_FROM_EPOCH)
+
+
+def changes(params: dict, base: recipes.TrainConfig) -> str:
+    """What a trial's parameters change against the recipe: 'learning_rate 0.001 -> 0.0023, ...'."""
+    def shown(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v).lower()
+
+    moved = [f"{k} {shown(getattr(base, k))} -> {shown(v)}" for k, v in params.items() if getattr(base, k) != v]
+    return ", ".join(moved) or "nothing (the recipe's own values)"
+
+
+# --- trials: each trains on the training images less the held-out ones, scored on those after each epoch
+
+
+def work(study: optuna.Study, job: dict, worker: int) -> None:
+    """Ask the study for trials and run them until it has `job['trials']` or the budget would not fit one
+    more trial and the winner's training. Any number of processes may do this on one study at once."""
+    import optuna
+
+    from . import tracking, training
+
+    dataset = tracking.dataset_of(job["ingest_run_id"], ("train",))  # the test split is never loaded here
+    client = mlflow.MlflowClient()
+    while fits_another(study, job):
+        trial = study.ask()
+        if trial.number >= job["trials"]:  # another worker took the last one meanwhile: this one never ran
+            client.delete_run(trial._trial_id)
+            return
+        client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
+        try:
+            value = run_trial(trial, job, dataset, worker)
+        except optuna.TrialPruned as pruned:
+            client.set_tag(trial._trial_id, "cifar10.tune.pruned", str(pruned))
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except training.Diverged as exc:  # a NaN loss fails this trial, and the search goes on
+            client.set_tag(trial._trial_id, "cifar10.tune.failed", str(exc))
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt here) or a bug: never left RUNNING
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+
+
+def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
+    """Train the recipe with the trial's parameters; its run gets their curves. The last epoch's held-out
+    accuracy is the trial's value (the model the winner's retraining will reproduce)."""
+    import time
+
+    import optuna
+    import torch
+    from mlflow.entities import Metric, Param
+
+    from . import data, hardware, models, training
+    from .progress import say
+
+    chosen = suggest(trial, parse_space(job["space"]))
+    config = recipes.check(replace(recipes.RECIPES[job["recipe"]], **chosen, validation=job["validation"],
+                                   budget_minutes=0.0))
+    target = hardware.select_device(job["device"])
+    config, _ = hardware.decide(config, hardware.capabilities(target))
+    client, run_id = mlflow.MlflowClient(), trial._trial_id
+    fixed = {k: v for k, v in asdict(config).items() if k not in chosen}  # the chosen ones: logged by the study
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {**fixed, "recipe": job["recipe"]}.items()])
+    kept, held = data.holdout(dataset.train_labels, config.validation, config.seed)
+    images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels).long()
+
+    def on_epoch(r: training.EpochResult) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, r.epoch) for k, v in (
+            ("val_accuracy", r.val_accuracy), ("val_loss", r.val_loss), ("train_loss", r.loss),
+            ("epoch_seconds", r.seconds))])
+        say("tune", f"trial {trial.number} (worker {worker}) epoch {r.epoch}/{config.epochs}: val accuracy "
+                    f"{r.val_accuracy:.2%}")
+        trial.report(r.val_accuracy, r.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"val accuracy {r.val_accuracy:.4f} after epoch {r.epoch} is below the "
+                                     "median of the trials before it")
+
+    history = training.train(models.build(config.model, seed=config.seed), images[kept], labels[kept], config,
+                             target, on_epoch, held_out=(images[held], labels[held]))
+    return history[-1].val_accuracy
+
+
+def fits_another(study: optuna.Study, job: dict) -> bool:
+    """Whether one more trial (and then the winner's training) fits: fewer trials than asked for, and the
+    median finished trial's time, plus the longest one's again for the winner, before the deadline."""
+    import time
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]  # enqueued: not yet begun
+    if len(trials) >= job["trials"]:
+        return False
+    took = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                  if t.datetime_complete is not None and t.state.name == "COMPLETE")
+    if not took:
+        return time.time() < job["deadline"]
+    winner = took[-1] * 1.15 + PIPELINE_RESERVE_S  # every training image, not 90 % of them; then its steps
+    return time.time() + took[len(took) // 2] + winner < job["deadline"]
+
+
+def wait_for_trials(study: optuna.Study, poll_s: float = 2.0) -> list:
+    """Every trial, once none is RUNNING (other workers' included)."""
+    import time
+
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state.name == "RUNNING" for t in trials):
+            return trials
+        time.sleep(poll_s)
+
+
+def summary(trials: list) -> dict:
+    states = [t.state.name for t in trials]
+    return {"total": len(trials), "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+            "failed": states.count("FAIL")}
+
+
+def best(study: optuna.Study):
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        raise UserError("no trial of the study finished (all pruned, failed or cut by the budget): give more "
+                        "budget_minutes or trials, or a space in which the recipe trains")
+    return max(complete, key=lambda t: (t.value, -t.number))
+
+

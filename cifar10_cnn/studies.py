@@ -1,0 +1,91 @@
+"""An Optuna study kept in the tracking store (MLflow's `mlflow.optuna.storage.MlflowStorage`): the study is a
+run, each trial a run nested under it, so a study outlives the process that made it, resumes, and takes
+workers from any process or machine that reaches the same tracking store.
+
+Here the study run is itself nested under the tune run that created it. The tune run that owns the study
+trains its winner; a tune run started with the same study name while the owner is alive joins as a worker
+(trials only); one started after the owner died (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes: the
+trials the dead process left RUNNING are marked FAILED, the finished ones are kept, and it takes over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import mlflow
+
+from . import constants as C
+from .errors import UserError
+
+DIRECTION = "maximize"  # the held-out accuracy
+TAG_OWNER_RUN = "cifar10.study.owner_run_id"  # study run: the tune run that trains the winner
+TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of that tune run's process
+
+
+@dataclass(frozen=True)
+class Opened:
+    study: object  # optuna.Study
+    study_run_id: str
+    role: str  # "owner" (made it), "resumer" (took over from a dead owner) or "worker"
+    stale: int = 0  # trials a dead owner left RUNNING, now FAILED
+
+
+def storage(experiment_id: str):
+    from mlflow.optuna.storage import MlflowStorage
+
+    return MlflowStorage(experiment_id=experiment_id, batch_flush_interval=0.5)
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(study_run) -> bool:
+    """Whether the tune run that owns the study still works on it. A RUNNING owner on another machine is
+    taken to be alive; on this machine, its process must still exist (a SIGKILLed run stays RUNNING)."""
+    owner = study_run.data.tags.get(TAG_OWNER_RUN)
+    if not owner:
+        return False
+    if mlflow.get_run(owner).info.status != "RUNNING":
+        return False
+    host, _, pid = study_run.data.tags.get(TAG_OWNER_PROCESS, "").rpartition(":")
+    if host != socket.gethostname():
+        return True
+    import psutil
+
+    return pid.isdigit() and psutil.pid_exists(int(pid))
+
+
+def open_study(name: str, tune_run_id: str, experiment_id: str, sampler, pruner) -> Opened:
+    """The study `name` of this experiment, made (nested under `tune_run_id`), joined or resumed."""
+    import optuna
+
+    client = mlflow.MlflowClient()
+    store = storage(experiment_id)
+    existing = store.get_study_id_by_name_if_exists(name)
+    if existing is None:
+        study = optuna.create_study(study_name=name, storage=store, direction=DIRECTION, sampler=sampler,
+                                    pruner=pruner)
+        study_run_id = study._study_id
+        client.set_tag(study_run_id, C.TAG_PARENT_RUN, tune_run_id)
+        _own(client, study_run_id, tune_run_id)
+        return Opened(study, study_run_id, "owner")
+    study_run = client.get_run(existing)
+    if study_run.data.tags.get("optuna.study_direction", "").lower() != DIRECTION:
+        raise UserError(f"study {name!r}: run {existing} of this experiment has that name but is not a study "
+                        "this pipeline made; choose another study name")
+    study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
+    if owner_alive(study_run):
+        return Opened(study, existing, "worker")
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in stale:  # their process is gone: they will never report
+        store.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    _own(client, existing, tune_run_id)
+    return Opened(study, existing, "resumer", len(stale))
+
+
+def _own(client, study_run_id: str, tune_run_id: str) -> None:
+    client.set_tag(study_run_id, TAG_OWNER_RUN, tune_run_id)
+    client.set_tag(study_run_id, TAG_OWNER_PROCESS, this_process())

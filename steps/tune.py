@@ -1,0 +1,149 @@
+"""tune: search a recipe's hyperparameters with Optuna, choosing on held-out training images, then train the
+winner on all of them and evaluate, export and register it as main does, nested under this run.
+
+The study lives in the tracking store (cifar10_cnn/studies.py): a run nested under this one, each trial
+a run nested under the study, so a killed search resumes with the same -P study, and other processes or
+machines on the same tracking server join it with the same command. Trials never see a test image; the
+test accuracy is measured once, on the final model.
+"""
+
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import mlflow
+
+from cifar10_cnn import constants as C
+from cifar10_cnn import entry_points, params, pipeline, plots, recipes, search, sources, studies, tracking
+from cifar10_cnn.errors import UserError
+from cifar10_cnn.progress import say
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def run(**raw: str) -> None:
+    started = time.time()
+    p = check(raw)
+    tune_run = mlflow.active_run()
+    mlflow.MlflowClient().update_run(tune_run.info.run_id, name=f"tune · {p['study']}")
+    steps = pipeline.Steps(PROJECT_DIR, "tune", p["reuse"])
+    ingest_id = steps.ingest(p["data"], p["expected_records"], p["source"])
+    mlflow.set_tags({C.TAG_STUDY: p["study"]})
+
+    # The search: this process and workers - 1 more, each asking the study for trials until it has enough
+    # or the budget could not fit another trial and the winner's training.
+    base = recipes.RECIPES[p["recipe"]]
+    job = {"ingest_run_id": ingest_id, "recipe": p["recipe"], "space": p["space_text"], "study": p["study"],
+           "tune_run_id": tune_run.info.run_id, "experiment_id": tune_run.info.experiment_id,
+           "trials": p["trials"], "deadline": started + 60 * p["budget_minutes"], "validation": p["validation"],
+           "seed": p["seed"], "device": p["device"], "workers": p["workers"]}
+    opened = open_study(job, worker=0)
+    say("tune", f"study {p['study']!r} ({opened.role}), run {opened.study_run_id}: up to {p['trials']} trials in "
+                f"{p['budget_minutes']:g} min over {', '.join(f'{k}={v}' for k, v in p['space'].items())}")
+    if opened.stale:
+        say("tune", f"resuming: {opened.stale} trial(s) a stopped run left RUNNING are now FAILED")
+    with ProcessPoolExecutor(p["workers"] - 1) if p["workers"] > 1 else _Inline() as pool:
+        others = [pool.submit(work, {**job, "worker": w}) for w in range(1, p["workers"])]
+        search.work(opened.study, job, worker=0)
+        for other in others:
+            other.result()
+    if opened.role == "worker":  # the study's owner trains the winner
+        say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
+        return
+    finished = search.wait_for_trials(opened.study)
+    mlflow.MlflowClient().set_terminated(opened.study_run_id, "FINISHED")
+    summary = search.summary(finished)
+    mlflow.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
+                        "trials_failed": summary["failed"]})
+    for name, figure in plots.study_figures(opened.study).items():
+        mlflow.log_figure(figure, f"{name}.png")
+    mlflow.log_text(opened.study.trials_dataframe().to_csv(index=False), "trials.csv")
+    best = search.best(opened.study)
+    tuned = replace(base, **best.params)
+    mlflow.log_metric("best_val_accuracy", best.value)
+    mlflow.log_dict({"recipe": p["recipe"], "trial": best.number, "params": best.params}, "best.json")
+    changed = search.changes(best.params, base)
+    say("tune", f"best: trial {best.number}, val accuracy {best.value:.2%}; against {p['recipe']}: {changed}")
+
+    # The winner through the real pipeline: trained on every training image, then evaluate, export, register.
+    train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
+                                   "validation": 0, "device": p["device"], "nproc_per_node": 1,
+                                   "resume_run_id": "none"})
+    mlflow.MlflowClient().set_tag(train_id, C.TAG_STUDY, p["study"])
+    for key, value in {C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
+                       C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}.items():
+        mlflow.MlflowClient().set_tag(train_id, key, str(value))
+    evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
+    test = mlflow.get_run(evaluate_id).data.metrics
+    mlflow.log_metrics({k: test[k] for k in ("test_accuracy", "test_accuracy_tta") if k in test})
+    text = (f"Study {p['study']!r}: {summary['total']} trials ({summary['complete']} complete, {summary['pruned']} "
+            f"pruned, {summary['failed']} failed) in {(time.time() - started) / 60:.1f} min. Best: trial "
+            f"{best.number}, held-out accuracy {best.value:.2%}. Against the {p['recipe']} recipe it changes "
+            f"{changed}. Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
+            + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
+            + f"; registered by export run {export_id} (@{C.CANDIDATE_ALIAS}).")
+    mlflow.set_tag("mlflow.note.content", text)
+    say("tune", text)
+
+
+def check(raw: dict) -> dict:
+    """Every check before any trial starts, so bad input fails in seconds."""
+    recipe = params.choice("recipe", raw["recipe"], tuple(recipes.RECIPES))
+    space_text = search.SPACES[recipe] if str(raw["space"]).strip().lower() == "auto" else str(raw["space"])
+    validation = params.POSITIVE_INT("validation", raw["validation"])
+    recipes.check(replace(recipes.RECIPES[recipe], validation=validation))  # a multiple of 10
+    study = str(raw["study"]).strip()
+    if study.lower() == "auto":
+        study = f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not study or len(study) > 100 or "'" in study:
+        raise UserError(f"study must be 1-100 characters without quotes, got {study!r}")
+    params.expected_records(raw["expected_records"])
+    data = str(raw["data"]).strip()
+    source = sources.resolve_source(data, sources.cache_dir(), fetch=False)  # None: it needs a download
+    if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
+        data = str(Path(data).expanduser().resolve())
+    return {"recipe": recipe, "space": search.parse_space(space_text), "space_text": space_text, "study": study,
+            "validation": validation, "trials": params.POSITIVE_INT("trials", raw["trials"]),
+            "budget_minutes": params.POSITIVE("budget_minutes", raw["budget_minutes"]),
+            "workers": params.POSITIVE_INT("workers", raw["workers"]),
+            "seed": params.NON_NEGATIVE_INT("search_seed", raw["search_seed"]),
+            "device": params.choice("device", raw["device"], params.DEVICES),
+            "model_name": params.model_name(raw["model_name"]),
+            "int8": str(params.BOOLEAN("int8", raw["int8"])).lower(),
+            "reuse": params.BOOLEAN("reuse", raw["reuse"]), "source": source, "data": data,
+            "expected_records": str(raw["expected_records"]).strip()}
+
+
+def open_study(job: dict, worker: int) -> studies.Opened:
+    return studies.open_study(job["study"], job["tune_run_id"], job["experiment_id"],
+                              search.sampler(job["seed"], job["trials"], worker), search.pruner())
+
+
+def work(job: dict) -> None:
+    """A worker process of `-P workers=K`: the same study, trials until the study has enough."""
+    import torch
+
+    torch.set_num_threads(max(1, math.floor((os.cpu_count() or 1) / job["workers"])))
+    search.work(open_study(job, job["worker"]).study, job, job["worker"])
+
+
+class _Inline:
+    """No pool when there is one worker: this process runs the trials itself."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None):
+    args = entry_points.parser("tune", __doc__).parse_args(argv)
+    tracking.run_step("tune", run, **vars(args))
+
+
+if __name__ == "__main__":
+    main()

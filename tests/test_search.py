@@ -1,0 +1,136 @@
+"""The hyperparameter search below the tune step: spaces, the checks before any trial, and the trial loop on a
+real study in the tracking store (trials nested under the study, pruning, a diverging trial, resuming)."""
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cifar10_cnn import constants as C
+from cifar10_cnn import recipes, search, studies
+from cifar10_cnn.errors import UserError
+from steps import ingest, tune
+from tests.conftest import fails, only_run
+
+
+def test_spaces_parse_into_checked_dimensions():
+    space = search.parse_space("filter_lr=0.02:0.2:log, momentum=0.6:0.95,batch_size=256|512|1024,augment=true|false")
+    assert space["filter_lr"] == search.Dimension("filter_lr", 0.02, 0.2, log=True)
+    assert space["momentum"] == search.Dimension("momentum", 0.6, 0.95)
+    assert space["batch_size"].choices == (256, 512, 1024) and space["augment"].choices == (True, False)
+    assert isinstance(search.parse_space("epochs=3:6")["epochs"].low, int)  # an int field: integers
+    for recipe in recipes.RECIPES:  # every recipe's own space is valid
+        assert search.default_space(recipe)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("warmup=0:1", "space: 'warmup' is not a training parameter"),
+    ("optimizer=0:1", "space: optimizer is not a number; give it choices (a|b), not the range '0:1'"),
+    ("momentum=0.9:0.5", "space: momentum=0.9:0.5 is an empty range"),
+    ("momentum=0.5:1.2", "momentum must be a number in [0, 1), got '1.2'"),  # the field's own check
+    ("batch_size=256|0", "batch_size must be a whole number >= 1, got '0'"),  # a choice the field refuses
+    ("weight_decay=0:0.01:log", "cannot be searched on a log scale from 0.0"),
+    ("epochs=3:6:linear", "is not low:high or low:high:log"),
+    ("epochs", "is not name=low:high[:log] or name=a|b|c"),
+    ("lr_schedule=cosine", "offers no choice"),
+    ("epochs=3:6,epochs=2:4", "space names 'epochs' twice"),
+    ("", "space must name at least one training parameter"),
+])
+def test_a_bad_space_is_named(text, message):
+    with pytest.raises(UserError) as err:
+        search.parse_space(text)
+    assert message in str(err.value)
+
+
+RAW = {"recipe": "seed", "trials": "4", "budget_minutes": "5", "space": "auto", "study": "s", "workers": "1",
+       "validation": "50", "search_seed": "0", "data": "auto", "expected_records": "any", "device": "cpu",
+       "model_name": "m", "int8": "true", "reuse": "true"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"trials": "0"}, "trials must be a whole number >= 1, got '0'"),
+    ({"budget_minutes": "0"}, "budget_minutes must be a finite number > 0, got '0'"),
+    ({"workers": "0"}, "workers must be a whole number >= 1, got '0'"),
+    ({"validation": "55"}, "validation must be a multiple of 10"),
+    ({"recipe": "slow"}, "recipe must be one of seed, fast"),
+    ({"study": "it's"}, "study must be 1-100 characters without quotes"),
+])
+def test_tune_checks_everything_before_any_trial(bad, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tune.check({**RAW, **bad})
+    assert tune.check(RAW)["space"] == search.default_space("seed")
+
+
+def test_a_bad_space_fails_the_tune_run_before_any_trial(store, capsys):
+    fails(tune, [f"--{k.replace('_', '-')}={v}" for k, v in {**RAW, "space": "momentum=2:3"}.items()], capsys,
+          "momentum must be a number in [0, 1), got '2'")
+    assert only_run("tune").info.status == "FAILED"
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1  # no study, no trial
+
+
+@pytest.fixture
+def job(store, archive):
+    """A tune run (as `mlflow run` would make it) with an ingest run of the small archive, and the search's job."""
+    ingest.main(["--data", str(archive), "--expected-records", "any"])
+    client = MlflowClient()
+    tune_run = client.create_run("0", tags={C.TAG_STEP: "tune"}).info.run_id
+    return {"ingest_run_id": only_run("ingest").info.run_id, "recipe": "seed", "study": "unit",
+            "space": "learning_rate=0.0000001:1000000000:log,epochs=2:3", "tune_run_id": tune_run,
+            "experiment_id": "0", "trials": 5, "deadline": float("inf"), "validation": 50, "seed": 0,
+            "device": "cpu", "workers": 1}
+
+
+def opened(job) -> studies.Opened:
+    return studies.open_study(job["study"], job["tune_run_id"], "0", search.sampler(0, job["trials"]), search.pruner())
+
+
+def test_trials_are_runs_under_the_study_with_their_curves_and_no_test_metric(job):
+    study = opened(job).study
+    # two good trials, then a hopeless one (pruned) and a diverging one (failed); the search goes on past both
+    for count, learning_rates in ((2, (3e-3, 2e-3)), (3, (1e-7,)), (4, (1e9,))):
+        for learning_rate in learning_rates:
+            study.enqueue_trial({"learning_rate": learning_rate, "epochs": 3})
+        search.work(study, {**job, "trials": count}, worker=0)
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
+    assert len(trials[2].intermediate_values) == search.PRUNE_FROM_EPOCH  # stopped at the first epoch it could
+    client = MlflowClient()
+    study_run = client.get_run(trials[0]._trial_id).data.tags[C.TAG_PARENT_RUN]
+    assert client.get_run(study_run).data.tags[C.TAG_PARENT_RUN] == job["tune_run_id"]  # study under the tune run
+    for t in trials:
+        run = client.get_run(t._trial_id)
+        assert run.data.tags[C.TAG_PARENT_RUN] == study_run and run.info.run_name == f"trial {t.number}"
+        assert not any(k.startswith("test") for k in run.data.metrics), run.data.metrics  # never the test images
+        assert run.data.params["validation"] == "50" and float(run.data.params["learning_rate"]) == t.params[
+            "learning_rate"]
+    curve = client.get_metric_history(trials[0]._trial_id, "val_accuracy")
+    assert [m.step for m in curve] == [1, 2, 3] and curve[-1].value == trials[0].value
+    assert "diverged" in client.get_run(trials[3]._trial_id).data.tags["cifar10.tune.failed"]
+    assert search.best(study).number in (0, 1)
+
+
+def test_a_search_stops_at_its_trials_and_a_stopped_one_resumes(job, monkeypatch):
+    study = opened(job).study
+    real, calls = search.run_trial, []
+
+    def interrupted_second(trial, *args):  # the second trial is interrupted (Ctrl-C, SIGTERM) mid-training
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(trial, *args)
+
+    monkeypatch.setattr(search, "run_trial", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        search.work(study, {**job, "trials": 3}, worker=0)
+    assert sorted(t.state.name for t in study.get_trials()) == ["COMPLETE", "FAIL"]  # never left RUNNING
+    MlflowClient().set_terminated(job["tune_run_id"], "KILLED")  # the tune run that owned it ended too
+    study.ask()  # and a trial its process never finished (SIGKILL): RUNNING for good
+    resumed_by = MlflowClient().create_run("0", tags={C.TAG_STEP: "tune"}).info.run_id
+    again = opened({**job, "tune_run_id": resumed_by})
+    assert again.role == "resumer" and again.stale == 1
+    search.work(again.study, {**job, "trials": 4}, worker=0)
+    states = sorted(t.state.name for t in again.study.get_trials())
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # the finished trial kept, 4 trials in all
+    study_run = MlflowClient().get_run(again.study_run_id)
+    assert study_run.data.tags[studies.TAG_OWNER_RUN] == resumed_by
+    # a third run while this one owns the study (alive) only joins it
+    assert opened({**job, "tune_run_id": MlflowClient().create_run("0").info.run_id}).role == "worker"
