@@ -11,6 +11,15 @@ from cifar10_cnn import synthetic
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items):
+    """One xdist group per test file (`make test` runs with --dist loadgroup), except that every file using
+    the `pipeline` fixture joins one group: that worker builds the fixture once for all of them."""
+    uses_pipeline = {item.module.__name__ for item in items if "pipeline" in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = "pipeline" if item.module.__name__ in uses_pipeline else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory) -> Path:
     """A valid archive: 5 x 40 train records, 100 test records."""
@@ -94,7 +103,7 @@ def children(parent_id: str) -> dict:
     """The nested runs of a pipeline run, by entry point."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.`{C.TAG_PARENT_RUN}` = '{parent_id}'")
-    return {r.data.tags[C.TAG_ENTRY_POINT]: r for r in runs}
+    return {r.data.tags.get(C.TAG_ENTRY_POINT, r.info.run_name): r for r in runs}  # a study run has no entry point
 
 
 def fails(entry, argv: list[str], capsys, message: str) -> str:

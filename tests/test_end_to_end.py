@@ -20,9 +20,11 @@ EXPERIMENT = "cifar10-cnn"  # as `make run` names it
 COMMON = ["expected_records=any", "epochs=1", "model_name=e2e"]
 
 
-def mlflow_run(*params: str, project: Path = PROJECT_DIR, experiment: str | None = None, log: Path | None = None):
+def mlflow_run(*params: str, project: Path = PROJECT_DIR, experiment: str | None = None, log: Path | None = None,
+               entry_point: str = "main"):
     """`mlflow run` as a user types it: started (a Popen writing to `log`) when a log is given, else run to its end."""
-    args = [MLFLOW, "run", str(project), "--env-manager", "local", *(a for p in params for a in ("-P", p))]
+    args = [MLFLOW, "run", str(project), "-e", entry_point, "--env-manager", "local",
+            *(a for p in params for a in ("-P", p))]
     if experiment:
         args += ["--experiment-name", experiment]
     if log is None:
@@ -38,17 +40,19 @@ def parents() -> list:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, archive):
     """Two users start the recipe at the same moment on one new SQLite store, from a clean git snapshot of
-    the project (a known code version, so steps can be reused), in the experiment `make run` uses."""
+    the project (a known code version, so later runs can reuse steps), in the experiment `make run` uses.
+    Each runs every step itself (reuse=false): with reuse, the second would take the first's ingest."""
     root = tmp_path_factory.mktemp("e2e")
     checkout = snapshot(root / "project")
     with pytest.MonkeyPatch.context() as mp:
         isolate(root, mp)
         logs = [root / "first.log", root / "second.log"]
-        first = mlflow_run(f"data={archive}", *COMMON, "seed=1", project=checkout, experiment=EXPERIMENT, log=logs[0])
+        first = mlflow_run(f"data={archive}", *COMMON, "seed=1", "reuse=false", project=checkout, experiment=EXPERIMENT,
+                           log=logs[0])
         while mlflow.get_experiment_by_name(EXPERIMENT) is None and first.poll() is None:  # made by the first
             time.sleep(0.2)
-        second = mlflow_run(f"data={archive}", *COMMON, "seed=2", project=checkout, experiment=EXPERIMENT,
-                            log=logs[1])
+        second = mlflow_run(f"data={archive}", *COMMON, "seed=2", "reuse=false", project=checkout,
+                            experiment=EXPERIMENT, log=logs[1])
         for process, log in zip((first, second), logs, strict=True):
             assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
         yield {"stdout": [log.read_text() for log in logs], "checkout": checkout, "archive": archive}
@@ -142,6 +146,40 @@ def test_two_promotions_at_once_leave_one_champion_in_both_flavors(store):
         assert {str(champion.version), str(previous.version)} == {"1", "2"}
 
 
+def test_tune_searches_on_held_out_images_and_registers_its_winner(store):
+    """`-e tune` with two trial processes on the same store: a study run under the tune run, its trials under
+    the study, and the best trial's parameters trained on every image and registered @candidate."""
+    done = mlflow_run(f"data={store['archive']}", "expected_records=any", "recipe=seed", "trials=4", "workers=2",
+                      "budget_minutes=5", "validation=50", "study=e2e-study", "model_name=e2e-tuned",
+                      project=store["checkout"], experiment=EXPERIMENT, entry_point="tune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient()
+    (tune_run,) = step_runs("tune")
+    assert tune_run.info.status == "FINISHED" and tune_run.info.run_name == "tune · e2e-study"
+    nested = children(tune_run.info.run_id)
+    study_run = next(r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                     if r.info.run_name == "e2e-study")
+    assert study_run.data.tags[C.TAG_PARENT_RUN] == tune_run.info.run_id
+    assert {"train", "evaluate", "export"} <= set(nested)
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.`{C.TAG_PARENT_RUN}` = '{study_run.info.run_id}'")
+    assert sorted(int(t.data.tags["numbers"]) for t in trials) == [0, 1, 2, 3]  # four in all, none twice
+    assert all(not any(k.startswith("test") for k in t.data.metrics) for t in trials)  # never the test images
+    best = mlflow.artifacts.load_dict(f"runs:/{tune_run.info.run_id}/best.json")
+    train_run = nested["train"]
+    assert train_run.data.params["validation"] == "0" and train_run.data.params["train_records"] == "200"
+    for name, value in best["params"].items():  # the winner is trained with the best trial's parameters
+        assert float(train_run.data.params[name]) == pytest.approx(float(value)), name
+    version = client.get_model_version_by_alias("e2e-tuned-onnx", C.CANDIDATE_ALIAS)
+    assert version.tags["train_run_id"] == train_run.info.run_id and version.tags["study"] == "e2e-study"
+    card = client.get_model_version("e2e-tuned-onnx", version.version).description
+    assert f"Tuned: the parameters of trial {best['trial']} of study `e2e-study`" in card
+    artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png", "trials.csv", "best.json"} <= artifacts
+    assert f"Best: trial {best['trial']}" in tune_run.data.tags["mlflow.note.content"]
+    assert "test_accuracy" in tune_run.data.metrics and "test_accuracy" not in study_run.data.metrics
+
+
 def test_bad_parameter_fails_before_any_step(store):
     n_runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
     done = mlflow_run("epochs=abc")
@@ -165,9 +203,9 @@ SCREENSHOTS = PROJECT_DIR / "test-artifacts"
 def ui(store, tmp_path_factory):
     port = free_port()
     home = tmp_path_factory.mktemp("ui")
-    server = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", mlflow.get_tracking_uri(), "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=home, env=runs_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([MLFLOW, "ui", "--app-name", "cifar10-cnn", "--backend-store-uri",
+                               mlflow.get_tracking_uri(), "--host", "127.0.0.1", "--port", str(port)], cwd=home,
+                              env=runs_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -212,6 +250,20 @@ def test_mlflow_ui_opens_the_experiment_on_its_runs_table(store, ui, tmp_path):
     page = visible_text(browse(f"{ui}/{printed}", tmp_path))  # no screenshot: each is one more Chromium start
     assert parent.info.run_name in page, page[:2000]  # the runs table lists the parent run by its name
     assert "No data available" not in page and "Token Usage" not in page  # not the GenAI traces overview
+
+
+@pytest.mark.browser
+@NEEDS_CHROMIUM
+def test_a_newcomer_clicks_the_experiment_on_the_home_page_and_lands_on_its_runs(store, ui, tmp_path):
+    """A fresh browser, as a newcomer's: the home page links the experiment by its plain address, and that
+    address opens the runs table (`mlflow ui --app-name cifar10-cnn`; plain `mlflow ui` opens an empty GenAI
+    overview there, whatever the experiment's tags say: cifar10_cnn/ui.py)."""
+    experiment_id = MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id
+    home = browse(f"{ui}/", tmp_path)
+    assert re.search(rf'href="[^"]*#/experiments/{experiment_id}"', home), visible_text(home)[:2000]
+    page = visible_text(browse(f"{ui}/#/experiments/{experiment_id}", tmp_path))  # the same browser, clicked
+    assert parents()[0].info.run_name in page, page[:2000]
+    assert "No data available" not in page and "Token Usage" not in page
 
 
 @pytest.mark.browser
