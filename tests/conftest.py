@@ -11,6 +11,7 @@ from cifar10_cnn import synthetic
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     """One xdist group per test file (`make test` runs with --dist loadgroup), except that every file using
     the `pipeline` fixture joins one group: that worker builds the fixture once for all of them."""
