@@ -29,18 +29,17 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 
-# two workers (pytest-xdist); a test file runs on one of them, and the files that share the pipeline fixture
-# (tests/conftest.py) on the same one, so it is built once
+# two workers (pytest-xdist), each test file on one of them: most slow tests wait on subprocesses
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 # the same with a coverage report (tracing makes the in-process tests about a third slower)
 coverage: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --cov --cov-report=term-missing:skip-covered -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile --cov --cov-report=term-missing:skip-covered -q
 
 # the quick loop while developing: no end-to-end `mlflow run` tests
 test-fast: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 # the MLflow UI in headless Chromium (installs Debian's chromium when missing; needs root or sudo)
 test-browser: install

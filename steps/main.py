@@ -105,12 +105,13 @@ def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> 
 
 
 def ui_command(tracking_uri: str, experiment_id: str) -> str:
-    """How to open this experiment's runs in the MLflow UI. MLflow 3.17's UI opens every experiment in its
-    GenAI mode (a traces overview) unless the address asks for the model-training mode."""
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    """How to open this experiment's runs in the MLflow UI. MLflow 3.17's UI opens an experiment in its GenAI
+    mode (a traces overview) unless the browser chose otherwise or the address asks for the model-training
+    mode; `--app-name cifar10-cnn` (cifar10_cnn/ui.py) makes that the default for a new browser."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000/{page}"
+    return f"mlflow ui --app-name cifar10-cnn --backend-store-uri {tracking_uri}, then open http://127.0.0.1:5000/{page}"
 
 
 def main(argv=None):

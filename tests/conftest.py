@@ -11,16 +11,6 @@ from cifar10_cnn import synthetic
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
-def pytest_collection_modifyitems(items):
-    """One xdist group per test file (`make test` runs with --dist loadgroup), except that every file using
-    the `pipeline` fixture joins one group: that worker builds the fixture once for all of them."""
-    uses_pipeline = {item.module.__name__ for item in items if "pipeline" in getattr(item, "fixturenames", ())}
-    for item in items:
-        group = "pipeline" if item.module.__name__ in uses_pipeline else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory) -> Path:
     """A valid archive: 5 x 40 train records, 100 test records."""

@@ -108,8 +108,8 @@ def test_summary_names_accuracy_runs_and_versions(store):
         registered = re.search(r"registered    : e2e v(\d+).*, e2e-onnx v(\d+)", out)
         for name, version in zip(("e2e", "e2e-onnx"), registered.groups(), strict=True):
             assert client.get_model_version(name, version).tags["pipeline_run_id"] == parent.info.run_id
-        assert "mlflow ui --backend-store-uri sqlite:///" in out
-        page = f"#/experiments/{parent.info.experiment_id}?workflowType=machine_learning"
+        assert "mlflow ui --app-name cifar10-cnn --backend-store-uri sqlite:///" in out
+        page = f"#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning"
         assert f"then open http://127.0.0.1:5000/{page}" in out
         assert out.split("=" * 80)[2].strip() in parent.data.tags["mlflow.note.content"]  # the run's description
         onnx_path = out.split("ONNX model    : ")[1].split()[0]

@@ -147,3 +147,13 @@ def test_parent_runs_are_named_after_what_they_train():
     assert run_name({"recipe": "fast", "model": "airnet", "epochs": 10, "budget_minutes": 7.5}) == \
         "fast · airnet · 7.5 min"
     assert run_name({"recipe": "fast", "model": "auto"}) == "fast (resumed)"  # train reads the killed run's
+
+
+def test_the_summary_points_at_the_runs_table_of_a_local_store_or_a_server():
+    from steps.main import ui_command
+
+    page = "#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_command("http://team:5000/", "7") == f"open http://team:5000/{page}"  # the server is the UI
+    assert ui_command("sqlite:////x/mlflow.db", "7") == (
+        f"mlflow ui --app-name cifar10-cnn --backend-store-uri sqlite:////x/mlflow.db, then open "
+        f"http://127.0.0.1:5000/{page}")
