@@ -72,6 +72,16 @@ def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: b
     return _local_source(path)
 
 
+def checked_data(data: str) -> tuple[str, Source | None]:
+    """The `data` parameter checked without downloading anything, as main and tune pass it on to ingest: a
+    path made absolute (the steps run in the project folder), and its Source (None: it needs a download)."""
+    source = resolve_source(data, cache_dir(), fetch=False)
+    data = str(data).strip()
+    if data != "auto" and "://" not in data:
+        data = str(Path(data).expanduser().resolve())
+    return data, source
+
+
 def cifar10_at(path: Path) -> Source | None:
     """`path` as CIFAR-10: a gzip archive, or a folder holding the test batch (or its batch folder); else None."""
     path = Path(path).resolve()

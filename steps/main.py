@@ -61,10 +61,7 @@ def check_main_params(p: dict) -> dict:
         from cifar10_cnn.hardware import select_device
 
         select_device(checked["device"])
-    source = sources.resolve_source(p["data"], sources.cache_dir(), fetch=False)  # None: it needs a download
-    data = str(p["data"]).strip()
-    if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
-        data = str(Path(data).expanduser().resolve())
+    data, source = sources.checked_data(p["data"])
     return {**checked, "source": source, "train": train, "tta": tta, "resume_run_id": resume_run_id,
             "data": data, "expected_records": str(p["expected_records"]).strip()}
 

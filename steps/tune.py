@@ -11,10 +11,12 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import RunTag
 
 from cifar10_cnn import constants as C
 from cifar10_cnn import entry_points, params, pipeline, plots, recipes, search, sources, studies, tracking
@@ -45,7 +47,7 @@ def run(**raw: str) -> None:
                 f"{p['budget_minutes']:g} min over {', '.join(f'{k}={v}' for k, v in p['space'].items())}")
     if opened.stale:
         say("tune", f"resuming: {opened.stale} trial(s) a stopped run left RUNNING are now FAILED")
-    with ProcessPoolExecutor(p["workers"] - 1) if p["workers"] > 1 else _Inline() as pool:
+    with ProcessPoolExecutor(p["workers"] - 1) if p["workers"] > 1 else nullcontext() as pool:
         others = [pool.submit(work, {**job, "worker": w}) for w in range(1, p["workers"])]
         search.work(opened.study, job, worker=0)
         for other in others:
@@ -72,10 +74,9 @@ def run(**raw: str) -> None:
     train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
                                    "validation": 0, "device": p["device"], "nproc_per_node": 1,
                                    "resume_run_id": "none"})
-    mlflow.MlflowClient().set_tag(train_id, C.TAG_STUDY, p["study"])
-    for key, value in {C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
-                       C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}.items():
-        mlflow.MlflowClient().set_tag(train_id, key, str(value))
+    tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
+            C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}  # for export's model card
+    mlflow.MlflowClient().log_batch(train_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
     test = mlflow.get_run(evaluate_id).data.metrics
     mlflow.log_metrics({k: test[k] for k in ("test_accuracy", "test_accuracy_tta") if k in test})
@@ -101,11 +102,12 @@ def check(raw: dict) -> dict:
     if not study or len(study) > 100 or "'" in study:
         raise UserError(f"study must be 1-100 characters without quotes, got {study!r}")
     params.expected_records(raw["expected_records"])
-    data = str(raw["data"]).strip()
-    source = sources.resolve_source(data, sources.cache_dir(), fetch=False)  # None: it needs a download
-    if data != "auto" and "://" not in data:  # children run in the project folder: pass an absolute path
-        data = str(Path(data).expanduser().resolve())
-    return {"recipe": recipe, "space": search.parse_space(space_text), "space_text": space_text, "study": study,
+    data, source = sources.checked_data(raw["data"])
+    space = search.parse_space(space_text)
+    if fixed := set(space) & {"validation", "budget_minutes"}:  # tune sets these for every trial
+        raise UserError(f"space: {', '.join(sorted(fixed))} cannot be searched (tune holds out -P validation "
+                        "images and trains each trial for its epochs)")
+    return {"recipe": recipe, "space": space, "space_text": space_text, "study": study,
             "validation": validation, "trials": params.POSITIVE_INT("trials", raw["trials"]),
             "budget_minutes": params.POSITIVE("budget_minutes", raw["budget_minutes"]),
             "workers": params.POSITIVE_INT("workers", raw["workers"]),
@@ -128,16 +130,6 @@ def work(job: dict) -> None:
 
     torch.set_num_threads(max(1, math.floor((os.cpu_count() or 1) / job["workers"])))
     search.work(open_study(job, job["worker"]).study, job, job["worker"])
-
-
-class _Inline:
-    """No pool when there is one worker: this process runs the trials itself."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):

@@ -53,6 +53,7 @@ RAW = {"recipe": "seed", "trials": "4", "budget_minutes": "5", "space": "auto", 
     ({"validation": "55"}, "validation must be a multiple of 10"),
     ({"recipe": "slow"}, "recipe must be one of seed, fast"),
     ({"study": "it's"}, "study must be 1-100 characters without quotes"),
+    ({"space": "validation=0|100"}, "space: validation cannot be searched"),
 ])
 def test_tune_checks_everything_before_any_trial(bad, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
