@@ -68,7 +68,7 @@ def load(path: Path) -> np.ndarray:
     except OSError as exc:
         raise UnreadableImage(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not path.is_file():
-        raise UnreadableImage(f"{path}: not a regular file")
+        raise UnreadableImage(f"{path}: not a regular file ({kind(path)})")
     if size == 0:
         raise UnreadableImage(f"{path}: empty file")
     if size > MAX_FILE_BYTES:
@@ -80,11 +80,26 @@ def load(path: Path) -> np.ndarray:
     return decode(data, str(path))
 
 
+def kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"{name}{' behind a symbolic link' if path.is_symlink() else ''}"
+    return "a special file"
+
+
 def files_under(path: Path) -> list[Path]:
-    """`path` itself if it is not a folder, else every non-hidden file below it, sorted."""
+    """`path` itself if it is not a folder, else everything non-hidden below it that is not a folder, sorted:
+    pipes, devices, broken or looping links and links to folders (not followed) are listed too, so that
+    the caller reports each as unreadable instead of leaving it out without a word."""
     path = Path(path)
     if not path.is_dir():
         return [path]
-    found = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                  p.relative_to(path).parts)]
+    found = [p for p in path.rglob("*") if (not p.is_dir() or p.is_symlink())
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     return sorted(found)

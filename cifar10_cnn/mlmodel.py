@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 
 from . import constants as C
 from . import images, serving
@@ -43,13 +43,22 @@ class _Flavor:
         pyfunc = mlflow_model.flavors["python_function"]
         pyfunc["loader_module"] = LOADER_MODULE
         pyfunc.pop("data", None)  # our loader gets the model folder and reads CONFIG_FILE there
-        # No input schema: the scoring server would cast requests to uint8 before our checks run.
-        # The signature as the network sees it stays in the model's metadata.
+        # No input schema: the scoring server would cast requests to uint8 before our checks run, and a
+        # column schema refuses raw pixels (serving.py). The output schema lets spark_udf find its result
+        # type. The signature as the network sees it stays in the model's metadata.
         if mlflow_model.signature is not None:
             mlflow_model.metadata = {**(mlflow_model.metadata or {}),
                                      "network_signature": mlflow_model.signature.to_dict()}
-        mlflow_model.signature = None
+        mlflow_model.signature = ModelSignature(inputs=None, outputs=output_schema())
         mlflow_model.save(str(Path(path, "MLmodel")))
+
+
+def output_schema():
+    """What serving.table gives: one row per image."""
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    return Schema([ColSpec("string", "class"), ColSpec("long", "class_index"), ColSpec("double", "probability"),
+                   ColSpec(Array("double"), "probabilities")])
 
 
 def base_version(version: str) -> str:

@@ -8,9 +8,7 @@ error and the others are still classified. Folders are searched recursively.
 from __future__ import annotations
 
 import csv
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import atomic
 from . import constants as C
 from . import images as imagelib
 from .errors import UserError
@@ -78,21 +77,14 @@ def load_model(model_uri: str):
 
 
 def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None:
-    """All results as CSV, written to a temporary file and renamed: never a half-written file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error", "true_class"])
-            for r in results:
-                probabilities = [f"{p:.6f}" for p in r.probabilities] or [""] * len(class_names)
-                writer.writerow([str(r.path), r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
-                                 *probabilities, r.error or "", r.truth or ""])
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """All results as CSV, complete or not at all (atomic.replacing)."""
+    with atomic.replacing(dest) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error", "true_class"])
+        for r in results:
+            probabilities = [f"{p:.6f}" for p in r.probabilities] or [""] * len(class_names)
+            writer.writerow([str(r.path), r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
+                             *probabilities, r.error or "", r.truth or ""])
 
 
 def run(model_uri: str, inputs: list[str], csv_path: str) -> int:

@@ -10,11 +10,17 @@ Both registered flavors (PyTorch and ONNX) use this module as their pyfunc loade
   predict command converts a file.
 - raw pixels: RGB `[N, 32, 32, 3]` (NHWC), integers 0..255 (`{"inputs": [[[[r, g, b], ...]]]}`).
 
-At most `max_batch` images either way. Anything else (bad base64, not an image, a decompression bomb,
-floats with a fraction, values out of range, another shape, too many images) is refused with a
-message naming the problem, which the MLflow scoring server turns into HTTP 400. MLflow would cast a
-request to the signature's dtype and silently truncate 0.7 to 0; so the pyfunc has no input
-signature and this module checks the values itself.
+Spark's `mlflow.pyfunc.spark_udf(spark, uri)("image")` hands the model a table whose one column is
+named by position ('0'): a single column of that name is taken as the `image` column. (An input schema
+naming `image` would not help: MLflow then refuses the raw-pixel array before this module sees it.)
+The scoring server takes at most `max_batch` images per request; in-process callers (`load_model(...)
+.predict`, spark_udf's Arrow batches of 10,000) any number, scored in chunks of `max_batch`. Anything
+else (bad base64, not an image, a decompression bomb, floats with a fraction, values out of range,
+another shape, too many images in one request) is refused with a message naming the problem, which the
+MLflow scoring server turns into HTTP 400. MLflow would cast a request to an input schema's dtype and
+silently truncate 0.7 to 0, so the pyfunc has an output schema only and this module checks the values
+itself; `guard_scoring_server` keeps MLflow's server from answering 500 to a JSON body nested too deeply
+to parse and from echoing a large request back in its error message.
 - output: a DataFrame with one row per image: `class` (name), `class_index`, `probability` (of that
   class) and `probabilities` (all ten, in class-index order).
 
@@ -41,19 +47,23 @@ except ImportError:  # in a logged model: the copy beside this file (mlmodel.IMA
 CONFIG_FILE = "cifar10_serving.json"  # in the model folder: backend, model file, class names, max_batch
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_COLUMN = "image"  # encoded images come in a column of this name
+POSITIONAL_COLUMN = "0"  # or in the one column spark_udf names by position
+SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # "true" inside MLflow's scoring server (set by it)
+MAX_ERROR_CHARS = 2000  # an error message longer than this is cut: MLflow's quotes the request
 
 
 class InvalidImages(ValueError):
     """The request's images are not what the model takes."""
 
 
-def check_images(data, max_batch: int) -> np.ndarray:
-    """The request as uint8 `[N, 32, 32, 3]`, or InvalidImages saying what is wrong with it."""
+def check_images(data, max_batch: int | None) -> np.ndarray:
+    """The request as uint8 `[N, 32, 32, 3]`, or InvalidImages saying what is wrong with it. At most
+    `max_batch` images (None: any number)."""
     if isinstance(data, pd.DataFrame):
-        if list(data.columns) != [IMAGE_COLUMN]:
+        if [str(c) for c in data.columns] not in ([IMAGE_COLUMN], [POSITIONAL_COLUMN]):
             raise InvalidImages(f"a table of images needs exactly one column, {IMAGE_COLUMN!r} (base64-encoded "
                                 f"image files); got columns {[str(c) for c in data.columns]}")
-        return decode_images(data[IMAGE_COLUMN].tolist(), max_batch)
+        return decode_images(data.iloc[:, 0].tolist(), max_batch)
     if isinstance(data, dict):  # {"inputs": {"image": [...]}} or, raw pixels, {"inputs": {"images": [...]}}
         if set(data) == {IMAGE_COLUMN}:
             return decode_images(np.asarray(data[IMAGE_COLUMN], dtype=object).ravel().tolist(), max_batch)
@@ -69,8 +79,7 @@ def check_images(data, max_batch: int) -> np.ndarray:
         raise InvalidImages(f"pixel values must be integers 0..255, got {array.dtype} values")
     if array.ndim != 4 or array.shape[1:] != IMAGE_SHAPE:
         raise InvalidImages(f"images must have shape [N, 32, 32, 3] (NHWC RGB), got {list(array.shape)}")
-    if not 1 <= len(array) <= max_batch:
-        raise InvalidImages(f"send between 1 and {max_batch} images per request, got {len(array)}")
+    check_count(len(array), max_batch)
     if array.dtype != np.uint8:
         if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
             raise InvalidImages("pixel values must be integers 0..255; got fractions (normalized floats?). "
@@ -81,10 +90,16 @@ def check_images(data, max_batch: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def decode_images(encoded: list, max_batch: int) -> np.ndarray:
+def check_count(images: int, max_batch: int | None) -> None:
+    if max_batch is None and images < 1:
+        raise InvalidImages("no images: send at least one")
+    if max_batch is not None and not 1 <= images <= max_batch:
+        raise InvalidImages(f"send between 1 and {max_batch} images per request, got {images}")
+
+
+def decode_images(encoded: list, max_batch: int | None) -> np.ndarray:
     """Base64 strings (or bytes) of image files -> uint8 `[N, 32, 32, 3]`; the first bad one is named."""
-    if not 1 <= len(encoded) <= max_batch:
-        raise InvalidImages(f"send between 1 and {max_batch} images per request, got {len(encoded)}")
+    check_count(len(encoded), max_batch)
     pixels = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
     for i, item in enumerate(encoded):
         name = f"{IMAGE_COLUMN} {i}"
@@ -148,16 +163,60 @@ class Classifier:
             raise ValueError(f"{CONFIG_FILE}: unknown backend {config['backend']!r}")
 
     def predict(self, data, params=None) -> pd.DataFrame:
+        in_server = os.environ.get(SERVING_ENV, "").lower() == "true"
         try:
-            images = check_images(data, self.max_batch)
+            images = check_images(data, self.max_batch if in_server else None)
         except InvalidImages as exc:
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return table(softmax(np.asarray(self._logits(images), dtype=np.float64)), self.class_names)
+        # In chunks: the network's activations for one chunk at a time, whatever the number of images.
+        logits = [np.asarray(self._logits(images[i : i + self.max_batch]), dtype=np.float64)
+                  for i in range(0, len(images), self.max_batch)]
+        return table(softmax(np.concatenate(logits)), self.class_names)
+
+
+def shorten(message: str) -> str:
+    """An error message of at most about MAX_ERROR_CHARS: MLflow's server puts the whole request in it."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    head, found, ours = message.partition("\nError: ")  # "Failed to predict data '<request>'. \nError: ..."
+    if found:
+        return "Failed to predict the request's data.\nError: " + shorten(ours)
+    return message[: MAX_ERROR_CHARS] + f" ... ({len(message) - MAX_ERROR_CHARS:,} more characters not shown)"
+
+
+def guard_scoring_server() -> None:
+    """Wrap MLflow's request handler (`mlflow.pyfunc.scoring_server.invocations`, looked up by name on
+    every request) once: a body nested too deeply for Python's JSON parser becomes a 400, not a 500, and
+    long error messages are cut. Only the process that serves this model is affected."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+        from mlflow.pyfunc import scoring_server
+    except ImportError:  # no MLflow server here
+        return
+    handler = scoring_server.invocations
+    if getattr(handler, "guarded", False):
+        return
+
+    def invocations(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except RecursionError:
+            raise MlflowException("the request body is nested too deeply to parse: send "
+                                  '{"inputs": [[[[r, g, b], ...]]]} or {"inputs": {"image": [...]}}',
+                                  error_code=BAD_REQUEST) from None
+        except MlflowException as exc:
+            exc.message = shorten(exc.message)
+            raise
+
+    invocations.guarded = True
+    scoring_server.invocations = invocations
 
 
 def _load_pyfunc(path: str, model_config=None) -> Classifier:
     """MLflow's pyfunc entry point: `path` is the model's folder (the flavor's `data` path)."""
+    guard_scoring_server()
     return Classifier(path)

@@ -1,6 +1,7 @@
 """Image files -> model input, and the predict command's per-file behaviour (no MLflow needed)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,6 +108,57 @@ def test_folder_csv_is_complete(tmp_path):
     assert [r["class"] for r in rows] == ["c1", "", "c0"]
     assert "not an image" in rows[1]["error"] and rows[0]["error"] == ""
     assert float(rows[0]["p_c1"]) == pytest.approx(1.0) and list(dest.parent.iterdir()) == [dest]
+
+
+def test_special_files_in_a_folder_are_listed_as_errors(tmp_path):
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save(folder / "ok.png", np.zeros((32, 32, 3), np.uint8))
+    (folder / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "up").symlink_to(tmp_path)  # a link to a folder: listed, not followed
+    results = predict.classify(images.files_under(folder), fake_model)
+    errors = {Path(r.path).name: r.error for r in results if r.error}
+    assert [Path(r.path).name for r in results if not r.error] == ["ok.png"]
+    assert "not a regular file (a character device behind a symbolic link)" in errors["zero.png"]
+    assert "not a regular file (a named pipe)" in errors["pipe.png"]
+    assert "Too many levels of symbolic links" in errors["loop.png"]
+    assert "not a regular file (a folder behind a symbolic link)" in errors["up"]
+
+
+def test_in_process_predictions_take_any_number_of_images_in_chunks(monkeypatch):
+    model = serving.Classifier.__new__(serving.Classifier)  # its network: the brightest channel, recorded
+    model.class_names, model.max_batch, chunks = [f"c{i}" for i in range(10)], 4, []
+    model._logits = lambda x: (chunks.append(len(x)), fake_model(x)["probabilities"].tolist())[1]
+    pixels = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    for request in (pixels, pd.DataFrame({"0": [base64_png(p) for p in pixels]})):  # "0": spark_udf's column
+        chunks.clear()
+        assert list(model.predict(request)["class"]) == list(fake_model(pixels)["class"])
+        assert chunks == [4, 4, 2]
+    monkeypatch.setenv(serving.SERVING_ENV, "true")  # inside MLflow's scoring server: one request is bounded
+    from mlflow.exceptions import MlflowException
+    with pytest.raises(MlflowException, match="send between 1 and 4 images per request, got 10"):
+        model.predict(pixels)
+
+
+def base64_png(pixels) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_long_error_messages_are_cut_and_keep_what_went_wrong():
+    request = "x" * 100_000
+    cut = serving.shorten(f"Failed to predict data '{request}'. \nError: image 3: not valid base64")
+    assert cut == "Failed to predict the request's data.\nError: image 3: not valid base64"
+    cut = serving.shorten(f"Ensure that input is a valid JSON formatted string.\nInput: \n{request}\n")
+    assert len(cut) < serving.MAX_ERROR_CHARS + 100 and cut.endswith("more characters not shown)")
 
 
 @pytest.mark.parametrize("data, message", [

@@ -1,11 +1,15 @@
-"""Scoring with the registered models of the `chain` (conftest.py): `mlflow models serve` for both flavors,
-the predict command, the predict entry point and the request payload."""
+"""Scoring with the registered models of the `chain` (conftest.py): MLflow's scoring app for both flavors
+(in this process) and `mlflow models serve` for one, the predict command, the predict entry point and the
+request payload."""
 
 import base64
 import csv
 import io
 import json
+import threading
+import time
 import urllib.request
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from PIL import Image
 from bench import serve
 from cifar10_cnn import constants as C
 from cifar10_cnn import images as imagelib
-from cifar10_cnn import synthetic
+from cifar10_cnn import serving, synthetic
 from tests.conftest import fails, free_port, runs_env, step_runs
 from tests.test_pipeline_steps import png
 
@@ -34,13 +38,64 @@ def jpeg(folder: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.slow
+@contextmanager
+def scoring_server(model_uri: str, monkeypatch):
+    """MLflow's own scoring app (`mlflow.pyfunc.scoring_server`) for `model_uri`, served by uvicorn in a
+    thread of this process: what `mlflow models serve` runs, without a process to start per flavor."""
+    import uvicorn
+    from mlflow.pyfunc import scoring_server as app_module
+
+    monkeypatch.delenv(serving.SERVING_ENV, raising=False)  # the app sets it; restored at teardown
+    app = app_module.init(mlflow.pyfunc.load_model(model_uri))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the scoring server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.mark.parametrize("name", ["tiny-onnx", "tiny"])
-def test_mlflow_models_serve_answers_and_survives_malformed_requests(chain, tmp_path, name):
-    """Each registered flavor behind `mlflow models serve` (started by bench.serve's own helper), with good,
-    malformed and encoded requests; for the ONNX flavor also the serving benchmark's quick measurements."""
-    with serve.server(f"models:/{name}@candidate", free_port(), runs_env(), tmp_path) as url:
+def test_each_flavor_answers_and_refuses_malformed_requests_with_400(chain, tmp_path, name, monkeypatch):
+    """Each registered flavor behind MLflow's scoring app, with good, malformed and encoded requests."""
+    with scoring_server(f"models:/{name}@candidate", monkeypatch) as url:
         check_server(url, name, tmp_path)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_refuses_a_deep_body_and_takes_load(chain):
+    """The ONNX flavor behind the real `mlflow models serve` (started by bench.serve's own helper): a request,
+    a JSON body nested 100,000 deep and a 10 MB bad one (4xx, a short error, still up), and the serving
+    benchmark's quick load test, where every answer must be right."""
+    images = synthetic.images_for(np.arange(5) % 10, np.random.default_rng(3)).transpose(0, 2, 3, 1).copy()
+    with serve.server("models:/tiny-onnx@candidate", free_port(), runs_env(), chain["root"]) as url:
+        status, reply = serve.post(url, json.dumps({"inputs": images.tolist()}).encode())
+        assert status == 200 and len(reply["predictions"]) == 5
+        check_hostile_bodies(url)
+        measured = serve.measure(url, np.repeat(images, 52, axis=0)[:256], quick=True)
+    assert set(measured["latency"]) == {"pixels", "png_dataframe_split", "png_inputs"}
+    assert all(set(sizes) == {1, 256} and sizes[256]["median_ms"] > 0 for sizes in measured["latency"].values())
+    assert measured["load"]["errors"] == 0 and measured["load"]["requests"] == 40, measured["load"]
+    assert measured["oversized_batch_status"] == 400
+
+
+def check_hostile_bodies(url: str) -> None:
+    """Deep nesting and a large bad body: 400 with an error body of a few kB, and the server still answers."""
+    for what, body, message in [
+        ("nested 100,000 deep", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        ("10 MB, not JSON", b"{" + b"x" * 10_000_000, "Invalid input"),
+        ("10 MB of bad base64", json.dumps({"inputs": {"image": ["%%%%" * 2500] * 1000}}).encode(),
+         "image 0: not valid base64"),
+    ]:
+        status, reply = serve.post(url, body)
+        assert status == 400 and message in reply["message"], (what, status, str(reply)[:500])
+        assert len(json.dumps(reply)) < 3 * serving.MAX_ERROR_CHARS, (what, len(json.dumps(reply)))
+        assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
 
 
 def check_server(url: str, name: str, tmp_path: Path) -> None:
@@ -96,14 +151,7 @@ def check_server(url: str, name: str, tmp_path: Path) -> None:
             status, reply = post(json.dumps(form).encode())
             assert status == 400 and message in reply["message"], (what, status, reply)
     assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
-    # A short load test, bounded in count and time, where every answer must be right: the serving
-    # benchmark's own quick measurements, run against this server.
-    if name == "tiny-onnx":
-        measured = serve.measure(url, np.repeat(images, 52, axis=0)[:256], quick=True)
-        assert set(measured["latency"]) == {"pixels", "png_dataframe_split", "png_inputs"}
-        assert all(set(sizes) == {1, 256} and sizes[256]["median_ms"] > 0 for sizes in measured["latency"].values())
-        assert measured["load"]["errors"] == 0 and measured["load"]["requests"] == 40, measured["load"]
-        assert measured["oversized_batch_status"] == 400
+    check_hostile_bodies(url)
 
 
 def test_predict_command_classifies_files_and_folders(chain, tmp_path, capsys):
