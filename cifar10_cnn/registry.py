@@ -1,4 +1,17 @@
-"""Model Registry: one registered model per flavor, versions matched by tags, aliases instead of stages."""
+"""Model Registry: one registered model per flavor (PyTorch, ONNX, ONNX INT8), versions of one training run
+matched by tags, aliases instead of stages, and registration that a crash cannot half-do.
+
+The registry has no transactions, so the order of the calls carries the guarantee (`publish`):
+
+1. every version of a set is written whole before any alias moves: created with its tags (ONNX first,
+   then INT8 naming it, then PyTorch naming both), then the tags pointing back, then the cards. The card
+   is written last, so a version with a card is complete;
+2. the aliases move last, INT8's and ONNX's first and PyTorch's last: the PyTorch alias is the commit.
+
+A crash before the commit leaves the PyTorch alias on the previous set; `repair`, which export and
+promote run first (under the store's lock), puts the ONNX and INT8 aliases back on the versions that the
+PyTorch alias's version names, and tags the versions an interrupted export left without an alias (TAG_ORPHAN).
+"""
 
 from __future__ import annotations
 
@@ -11,93 +24,147 @@ from mlflow.tracking import MlflowClient
 from . import constants as C
 from .errors import UserError
 
-
-def register(model, name: str, tags: dict, alias: str | None) -> ModelVersion:
-    """Register the logged `model` (a ModelInfo) as a new version of `name` (created if missing), tag it,
-    point `alias` at it. Through the client: mlflow.register_model prints two lines per version to
-    stderr, which the export step's own line says again."""
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # made by an earlier run: fine
-            raise
-    version = client.create_model_version(name, model.model_uri, run_id=model.run_id,
-                                          tags={k: str(v) for k, v in tags.items()}, model_id=model.model_id)
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return version
-
-
-def card_facts(train_run, eval_run, ingest_run, class_names, parity, run_ids: dict) -> dict:
-    """What model_card says about a version, all read from the runs that made it."""
-    return {
-        "model": train_run.data.params.get("model", "?"),
-        "num_parameters": int(train_run.data.params.get("num_parameters", 0)),
-        "train_params": train_run.data.params, "source": ingest_run.data.tags.get(C.TAG_SOURCE, "?"),
-        "sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""),
-        "sizes": {k: int(ingest_run.data.metrics.get(f"{k}_records", 0)) for k in ("train", "test")},
-        "test_accuracy": eval_run.data.metrics["test_accuracy"], "test_loss": eval_run.data.metrics["test_loss"],
-        "per_class": {c: eval_run.data.metrics.get(f"test_accuracy_{c}", float("nan")) for c in class_names},
-        "onnx_max_abs_diff": parity.max_abs_diff, "onnx_mismatches": parity.argmax_mismatches,
-        "parity_images": parity.images, "run_ids": run_ids,
-        "tuned": {key: train_run.data.tags[tag] for key, tag in (
-            ("study", C.TAG_STUDY), ("study_run_id", C.TAG_STUDY_RUN), ("trials", C.TAG_STUDY_TRIALS),
-            ("best_trial", C.TAG_STUDY_BEST_TRIAL), ("best_val_accuracy", C.TAG_STUDY_BEST))
-            if tag in train_run.data.tags} or None,
-    }
-
-
-def model_card(
-    *, name: str, version: str, flavor: str, model: str, num_parameters: int, train_params: dict,
-    source: str, sha256: str, sizes: dict, test_accuracy: float, test_loss: float, per_class: dict,
-    onnx_max_abs_diff: float, onnx_mismatches: int, parity_images: int, run_ids: dict,
-    quantized: dict | None = None, tuned: dict | None = None,
-) -> str:
-    """The description shown for a registered version in `mlflow ui`: what it is, how good, how to use it."""
-    uri = f"models:/{name}/{version}"
-    load = ("mlflow.pytorch.load_model" if flavor == "pytorch" else "mlflow.pyfunc.load_model")
-    trained = {**train_params, "epochs": train_params.get("epochs_planned", train_params.get("epochs")),
-               "precision": train_params.get("precision_used", train_params.get("precision"))}  # after auto/budget
-    hyper = ", ".join(f"{k} {trained[k]}" for k in ("epochs", "batch_size", "learning_rate", "lr_schedule",
-                                                    "precision", "seed") if trained.get(k) is not None)
-    optimizer = {"sgd": "SGD (Nesterov)", "adam": "Adam",
-                 "muon": "Muon (conv filters) + SGD (Nesterov)"}.get(train_params.get("optimizer"), "?")
-    classes = ", ".join(f"{c} {100 * a:.1f} %" for c, a in per_class.items())
-    return "\n".join([
-        f"**{model}** ({num_parameters:,} parameters), {flavor} flavor.",
-        "",
-        f"* **Test accuracy {100 * test_accuracy:.2f} %** (loss {test_loss:.4f}) "
-        f"on {sizes.get('test', '?'):,} test images.",
-        f"* Per class: {classes}.",
-        (f"* ONNX parity: max |logit difference| {onnx_max_abs_diff:.1e} over {parity_images:,} test images, "
-         f"{onnx_mismatches} differing predictions." if quantized is None else
-         f"* INT8: quantized from the float ONNX model (ONNX Runtime static quantization, QDQ, per-channel "
-         f"7-bit weights, calibrated on {quantized['calibration_images']:,} training images). Accuracy and speed "
-         f"measured with ONNX Runtime on {quantized['machine']}: {100 * test_accuracy:.2f} % against the float "
-         f"model's {100 * quantized['float_accuracy']:.2f} % (drop {quantized['drop_points']:.2f} points); "
-         f"{quantized['speedup_batch256']:.2f}x the float model's speed at batch 256, "
-         f"{quantized['speedup_batch1']:.2f}x at batch 1."),
-        f"* Data: `{source}`, sha256 `{sha256}`, {sizes.get('train', '?'):,} train / {sizes.get('test', '?'):,} test.",
-        f"* Training: {optimizer}, {hyper}, on {train_params.get('train_device', '?')}.",
-        *([f"* Tuned: the parameters of trial {tuned['best_trial']} of study `{tuned['study']}` (run "
-           f"`{tuned['study_run_id']}`, {tuned['trials']} trials), chosen on held-out training images (accuracy "
-           f"{100 * float(tuned['best_val_accuracy']):.2f} %), then trained on all of them; the test images "
-           "scored this model only."] if tuned else []),
-        "* Runs: " + ", ".join(f"{k} `{v}`" for k, v in run_ids.items() if v) + ".",
-        "",
-        "Input `images`: uint8 RGB `[batch, 32, 32, 3]` (NHWC, raw pixels; normalization is inside the model). "
-        "Output `logits`: float32 `[batch, 10]`; softmax gives class probabilities, in the class order of the "
-        "model's metadata.",
-        "",
-        f"Load: `{load}(\"{uri}\")`. Serve: `mlflow models serve -m {uri} --env-manager local -p 5001`.",
-    ])
-
-
-# --- promotion: move `champion` only to a version at least as good, both flavors together -------------
-
+ONNX_VERSION, INT8_VERSION, PYTORCH_VERSION = "onnx_version", "int8_version", "pytorch_version"  # version tags
+TAG_ORPHAN = "orphan"  # on a version an interrupted export left behind: why no alias will point at it
 CHAMPION, PREVIOUS = "champion", "previous"
+ALIASES = (C.CANDIDATE_ALIAS, CHAMPION, PREVIOUS)
+LOCK = "registry"  # tracking.store_lock's name for a registration or promotion
 
+
+@dataclass(frozen=True)
+class Names:
+    """The three registered models of one model name."""
+    pytorch: str
+
+    @property
+    def onnx(self) -> str:
+        return self.pytorch + C.ONNX_REGISTERED_SUFFIX
+
+    @property
+    def int8(self) -> str:
+        return self.onnx + C.INT8_REGISTERED_SUFFIX
+
+    def twins(self):
+        """The registered models whose aliases follow the PyTorch one's, with the tag that names their version."""
+        return ((self.onnx, ONNX_VERSION), (self.int8, INT8_VERSION))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One version to register: a logged model (a ModelInfo), its tags, and its card given its version number."""
+    model: object
+    tags: dict
+    card: object  # Callable[[str], str]
+
+
+def publish(client: MlflowClient, names: Names, pytorch: Entry, onnx: Entry, int8: Entry | None,
+            alias: str = C.CANDIDATE_ALIAS) -> dict[str, str]:
+    """Register one training run's models and point `alias` at them, in the order the module's docstring
+    gives. Returns the version of each registered name."""
+    for name in (names.pytorch, names.onnx, *([names.int8] if int8 else [])):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):  # made by an earlier run: fine
+                raise
+
+    def create(name: str, entry: Entry, **links) -> str:
+        version = client.create_model_version(name, entry.model.model_uri, run_id=entry.model.run_id,
+                                              tags={k: str(v) for k, v in {**entry.tags, **links}.items()},
+                                              model_id=entry.model.model_id)
+        return str(version.version)
+
+    versions = {names.onnx: create(names.onnx, onnx)}
+    if int8:
+        versions[names.int8] = create(names.int8, int8, **{ONNX_VERSION: versions[names.onnx]})
+    links = {ONNX_VERSION: versions[names.onnx], **({INT8_VERSION: versions[names.int8]} if int8 else {})}
+    versions[names.pytorch] = create(names.pytorch, pytorch, **links)
+    for name in [n for n in (names.onnx, names.int8) if n in versions]:
+        client.set_model_version_tag(name, versions[name], PYTORCH_VERSION, versions[names.pytorch])
+    for name, entry in ((names.int8, int8), (names.onnx, onnx), (names.pytorch, pytorch)):
+        if entry:
+            client.update_model_version(name, versions[name], description=entry.card(versions[name]))
+    move(client, names, alias, client.get_model_version(names.pytorch, versions[names.pytorch]))
+    return versions
+
+
+def move(client: MlflowClient, names: Names, alias: str, pytorch: ModelVersion) -> None:
+    """Point `alias` at the set whose PyTorch version is `pytorch`: the twins first, the PyTorch alias last
+    (a twin without a version in the set loses the alias)."""
+    for name, tag in names.twins():
+        if tag in pytorch.tags:
+            client.set_registered_model_alias(name, alias, pytorch.tags[tag])
+        else:
+            _drop_alias(client, name, alias)
+    client.set_registered_model_alias(names.pytorch, alias, pytorch.version)
+
+
+def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
+    """Undo what an interrupted publish or promotion left: each twin's alias back on the version the PyTorch
+    alias's version names; versions of an interrupted export tagged TAG_ORPHAN. Without the store's lock
+    (`locked` False: a tracking server) only versions of an export run that ended FAILED or KILLED count
+    as interrupted, since another export may be writing its set at this moment. Returns what it changed."""
+    changed = []
+    for alias in ALIASES:
+        head = _by_alias(client, names.pytorch, alias)
+        for name, tag in names.twins():
+            want = head.tags.get(tag) if head else None
+            have = _by_alias(client, name, alias)
+            if (str(have.version) if have else None) != want:
+                if want:
+                    client.set_registered_model_alias(name, alias, want)
+                else:
+                    _drop_alias(client, name, alias)
+                changed.append(f"{name}@{alias} -> {want or 'removed'}")
+    for name in (names.pytorch, names.onnx, names.int8):
+        for version in _versions(client, name):
+            if version.aliases or TAG_ORPHAN in version.tags:
+                continue
+            status = _export_status(client, version)
+            if (locked and (not version.description or status not in ("FINISHED", None))) or \
+                    status in ("FAILED", "KILLED"):
+                client.set_model_version_tag(name, version.version, TAG_ORPHAN, (
+                    f"registration interrupted (export run {version.tags.get('export_run_id', '?')} "
+                    f"{(status or 'unknown').lower()}); no alias points at it"))
+                changed.append(f"{name} v{version.version} orphan")
+    return changed
+
+
+def complete(version: ModelVersion) -> bool:
+    """Written whole by publish: its card is its last write."""
+    return bool(version.description) and TAG_ORPHAN not in version.tags
+
+
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    try:
+        return client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+
+
+def _export_status(client: MlflowClient, version: ModelVersion) -> str | None:
+    run_id = version.tags.get("export_run_id")
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException:
+        return "DELETED"
+
+
+def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _drop_alias(client: MlflowClient, name: str, alias: str) -> None:
+    if _by_alias(client, name, alias) is not None:
+        client.delete_registered_model_alias(name, alias)
+
+
+# --- promotion: move `champion` only to a version at least as good, every flavor together ------------
 
 @dataclass(frozen=True)
 class Decision:
@@ -148,41 +215,40 @@ def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
     return client.get_model_version(*found) if len(found) == 2 else None
 
 
-def promote(
-    client: MlflowClient, name: str, ref: str, onnx_name: str, force: bool = False
-) -> tuple[Decision, str, str | None]:
-    """Point `champion` of `name` and `onnx_name` at the versions one training run made, if the gate allows.
+def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -> tuple[Decision, str, str | None]:
+    """Point `champion` of the three registered models at the versions one training run made, if the gate
+    allows.
 
     The replaced versions get the alias `previous`, so rolling back is one more promotion (`previous`,
     forced). Returns the decision, the candidate's version and the replaced version, if any. Every
-    check runs before the first alias moves: a refused or invalid promotion changes no alias.
+    check runs before the first alias moves: a refused or invalid promotion changes no alias; the
+    aliases move as publish moves them (the PyTorch one last).
     """
-    candidate = _version(client, name, ref)
-    accuracy = _accuracy(candidate, name)
-    onnx_candidate = _version(client, onnx_name, candidate.tags.get("onnx_version", "?"))
-    if onnx_candidate.tags.get("train_run_id") != candidate.tags.get("train_run_id"):
-        raise UserError(f"{onnx_name} v{onnx_candidate.version} was not trained by the same run as "
-                        f"{name} v{candidate.version}; refusing to pair them")
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    decision = decide(accuracy, _accuracy(champion, name) if champion else None,
+    candidate = _version(client, names.pytorch, ref)
+    accuracy = _accuracy(candidate, names.pytorch)
+    twins = [_version(client, name, candidate.tags.get(tag, "?")) for name, tag in names.twins()
+             if tag in candidate.tags or tag == ONNX_VERSION]
+    for version in (candidate, *twins):
+        if not complete(version):
+            raise UserError(f"{version.name} v{version.version} was not registered whole "
+                            f"({version.tags.get(TAG_ORPHAN, 'no model card')}); refusing to promote it")
+        if version.tags.get("train_run_id") != candidate.tags.get("train_run_id"):
+            raise UserError(f"{version.name} v{version.version} was not trained by the same run as "
+                            f"{names.pytorch} v{candidate.version}; refusing to pair them")
+    champion = _by_alias(client, names.pytorch, CHAMPION)
+    decision = decide(accuracy, _accuracy(champion, names.pytorch) if champion else None,
                       champion is not None and str(champion.version) == str(candidate.version), force)
     if decision.noop:  # leave the tags that say why it became champion as they are
         return decision, str(candidate.version), None
     outcome = "promoted" if decision.promote else "refused"
-    for model, version in ((name, candidate.version), (onnx_name, onnx_candidate.version)):
-        client.set_model_version_tag(model, str(version), "promotion", f"{outcome}: {decision.reason}")
+    for version in (candidate, *twins):
+        client.set_model_version_tag(version.name, str(version.version), "promotion", f"{outcome}: {decision.reason}")
     if not decision.promote:
         return decision, str(candidate.version), None
     replaced = None
     if champion is not None:
-        onnx_champion = client.get_model_version_by_alias(onnx_name, CHAMPION)
-        client.set_registered_model_alias(name, PREVIOUS, champion.version)
-        client.set_registered_model_alias(onnx_name, PREVIOUS, onnx_champion.version)
-        client.set_model_version_tag(name, str(champion.version), "replaced_by", str(candidate.version))
+        move(client, names, PREVIOUS, champion)
+        client.set_model_version_tag(names.pytorch, str(champion.version), "replaced_by", str(candidate.version))
         replaced = str(champion.version)
-    client.set_registered_model_alias(onnx_name, CHAMPION, onnx_candidate.version)
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    move(client, names, CHAMPION, candidate)
     return decision, str(candidate.version), replaced

@@ -1,10 +1,13 @@
 """export: log the PyTorch flavor and convert it to ONNX, check both against the checkpoint, then register
 them (alias candidate), and an INT8 ONNX model when it loses at most a point."""
 
+import contextlib
+
 import mlflow
 import torch
 
 from cifar10_cnn import (
+    cards,
     checkpoints,
     entry_points,
     evaluation,
@@ -70,7 +73,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     eval_run = evaluation_of(train_run_id, evaluate_run_id)
     int8_model = quantize(proto, float_onnx, dataset, images, float_accuracy) if int8 else None  # before registering
 
-    # Register both flavors with the same tags, and a model card each.
+    # Register every flavor with the same tags and a model card each, under the registry's lock, after
+    # repairing what an interrupted registration may have left (registry.py says how a crash is survived).
     export_run_id = mlflow.active_run().info.run_id
     ingest_run = mlflow.get_run(ingest_run_id)
     tags = {"ingest_run_id": ingest_run_id, "train_run_id": train_run_id, "evaluate_run_id": evaluate_run_id,
@@ -80,27 +84,31 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
             "dataset_sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""), "model": config.model,
             "onnx_max_abs_diff": f"{onnx_parity.max_abs_diff:.2e}",
             **({"study": train_run.data.tags[C.TAG_STUDY]} if C.TAG_STUDY in train_run.data.tags else {})}
-    onnx_name = model_name + C.ONNX_REGISTERED_SUFFIX
-    pt_version = registry.register(pytorch_info, model_name, {**tags, "flavor": "pytorch"}, C.CANDIDATE_ALIAS)
-    onnx_version = registry.register(onnx_info, onnx_name,
-                                     {**tags, "flavor": "onnx", "pytorch_version": pt_version.version},
-                                     C.CANDIDATE_ALIAS)
+    names = registry.Names(model_name)
+    facts = cards.card_facts(train_run, eval_run, ingest_run, dataset.class_names, onnx_parity,
+                             {k: tags[f"{k}_run_id"] for k in ("pipeline", "ingest", "train", "evaluate", "export")})
+
+    def entry(info, name: str, flavor: str, extra_tags: dict | None = None, **card_facts) -> registry.Entry:
+        return registry.Entry(info, {**tags, "flavor": flavor, **(extra_tags or {})}, lambda version: cards.model_card(
+            name=name, version=version, flavor=flavor, **{**facts, **card_facts}))
+
+    int8_entry = int8_to_register(int8_model, names.int8, entry, tags["test_accuracy"]) if int8_model is not None else None
     client = mlflow.MlflowClient()
-    client.set_model_version_tag(model_name, pt_version.version, "onnx_version", onnx_version.version)
-    facts = registry.card_facts(train_run, eval_run, ingest_run, dataset.class_names, onnx_parity,
-                                {k: tags[f"{k}_run_id"] for k in ("pipeline", "ingest", "train", "evaluate", "export")})
-    for name, version, flavor in ((model_name, pt_version.version, "pytorch"),
-                                  (onnx_name, onnx_version.version, "onnx")):
-        client.update_model_version(name, version, description=registry.model_card(
-            name=name, version=str(version), flavor=flavor, **facts))
-    mlflow.set_tags({C.TAG_REGISTERED.format(flavor="pytorch"): f"{model_name}/{pt_version.version}",
-                     C.TAG_REGISTERED.format(flavor="onnx"): f"{onnx_name}/{onnx_version.version}"})
-    say("export", f"registered {model_name} v{pt_version.version} and {onnx_name} v{onnx_version.version}, "
-                   f"alias @{C.CANDIDATE_ALIAS}")
-    if int8_model is not None:
-        register_int8(int8_model, onnx_name + C.INT8_REGISTERED_SUFFIX,
-                      {**tags, "flavor": "onnx-int8", "pytorch_version": pt_version.version,
-                       "onnx_version": onnx_version.version}, facts)
+    with tracking.store_lock(registry.LOCK) as locked:
+        for change in registry.repair(client, names, locked):
+            say("export", f"repaired an interrupted registration: {change}")
+        try:
+            versions = registry.publish(client, names, entry(pytorch_info, names.pytorch, "pytorch"),
+                                        entry(onnx_info, names.onnx, "onnx"), int8_entry)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the versions it wrote are this failed run's orphans
+                registry.repair(client, names, locked)
+            raise
+    mlflow.set_tags({C.TAG_REGISTERED.format(flavor=flavor): f"{name}/{versions[name]}"
+                     for flavor, name in (("pytorch", names.pytorch), ("onnx", names.onnx), ("onnx_int8", names.int8))
+                     if name in versions})
+    registered = ", ".join(f"{name} v{version}" for name, version in versions.items())
+    say("export", f"registered {registered}, alias @{C.CANDIDATE_ALIAS}")
 
 
 def evaluation_of(train_run_id: str, evaluate_run_id: str):
@@ -140,27 +148,21 @@ def quantize(proto, float_onnx, dataset, test_images, float_accuracy: float):
     return info, measured
 
 
-def register_int8(int8_model, registered_name: str, tags: dict, facts: dict) -> None:
-    """Register the INT8 model if it loses at most INT8_MAX_DROP_POINTS, with its own accuracy and card."""
+def int8_to_register(int8_model, registered_name: str, entry, float_test_accuracy: str):
+    """The INT8 model's registry.Entry if it loses at most INT8_MAX_DROP_POINTS, with its own accuracy and
+    card (the float model's accuracy beside it); None, and a tag saying why, if it loses more."""
     info, measured = int8_model
     drop = measured["quantized"]["drop_points"]
-    tag = C.TAG_REGISTERED.format(flavor="onnx_int8")
     if drop > C.INT8_MAX_DROP_POINTS:
-        mlflow.set_tag(tag, f"not registered: drop {drop:.2f} > {C.INT8_MAX_DROP_POINTS} points")
+        mlflow.set_tag(C.TAG_REGISTERED.format(flavor="onnx_int8"),
+                       f"not registered: drop {drop:.2f} > {C.INT8_MAX_DROP_POINTS} points")
         say("export", f"INT8 model not registered: it loses {drop:.2f} points (limit {C.INT8_MAX_DROP_POINTS})")
-        return
-    # Its own figures: the version's test_accuracy is the INT8 model's, the float model's stays beside it.
-    version = registry.register(info, registered_name,
-                                {**tags, "test_accuracy": f"{measured['accuracy']:.4f}",
-                                 "float_test_accuracy": tags["test_accuracy"],
-                                 "int8_accuracy_drop_points": f"{drop:.2f}"}, C.CANDIDATE_ALIAS)
-    card = registry.model_card(name=registered_name, version=str(version.version), flavor="onnx-int8",
-                               **{**facts, "test_accuracy": measured["accuracy"], "test_loss": measured["loss"],
-                                  "per_class": measured["per_class"], "quantized": measured["quantized"]})
-    mlflow.MlflowClient().update_model_version(registered_name, version.version, description=card)
-    mlflow.set_tag(tag, f"{registered_name}/{version.version}")
-    say("export", f"registered {registered_name} v{version.version} (loses {drop:.2f} points), "
-                   f"alias @{C.CANDIDATE_ALIAS}")
+        return None
+    return entry(info, registered_name, "onnx-int8",
+                 {"test_accuracy": f"{measured['accuracy']:.4f}", "float_test_accuracy": float_test_accuracy,
+                  "int8_accuracy_drop_points": f"{drop:.2f}"},
+                 test_accuracy=measured["accuracy"], test_loss=measured["loss"], per_class=measured["per_class"],
+                 quantized=measured["quantized"])
 
 
 def local_model_file(model_id: str, filename: str) -> str:

@@ -12,13 +12,16 @@ def run(version: str, model_name: str, force: str) -> None:
     ref = params.version_ref(version)
     name = params.model_name(model_name)
     forced = params.BOOLEAN("force", force)
-    onnx_name = name + C.ONNX_REGISTERED_SUFFIX
-    # Read-compare-move must not interleave with another promotion, or the two flavors could end up
-    # with champions from different runs.
-    with tracking.store_lock("promote") as locked:
+    names = registry.Names(name)
+    client = mlflow.MlflowClient()
+    # Read-compare-move must not interleave with another promotion or a registration, or the flavors
+    # could end up with champions from different runs; one interrupted before is repaired first.
+    with tracking.store_lock(registry.LOCK) as locked:
         if not locked:
             say("promote", "note: this tracking store offers no lock; run one promotion at a time")
-        decision, chosen, replaced = registry.promote(mlflow.MlflowClient(), name, ref, onnx_name, forced)
+        for change in registry.repair(client, names, locked):
+            say("promote", f"repaired an interrupted registration: {change}")
+        decision, chosen, replaced = registry.promote(client, names, ref, forced)
     mlflow.set_tags({C.TAG_PROMOTION: "promoted" if decision.promote else "refused",
                      C.TAG_PROMOTION_REASON: decision.reason, C.TAG_CANDIDATE_VERSION: chosen})
     if not decision.promote:
@@ -27,7 +30,7 @@ def run(version: str, model_name: str, force: str) -> None:
             return
         raise UserError(f"not promoting {name} v{chosen}: {decision.reason}; aliases unchanged "
                         "(use -P force=true to override)")
-    say("promote", f"{name} v{chosen} and its ONNX twin are now @{registry.CHAMPION} ({decision.reason})")
+    say("promote", f"{name} v{chosen} and its ONNX twins are now @{registry.CHAMPION} ({decision.reason})")
     if replaced:
         say("promote", f"v{replaced} is now @{registry.PREVIOUS}; roll back with "
                        f"`mlflow run . -e promote -P version={registry.PREVIOUS} -P force=true`")

@@ -5,7 +5,7 @@ import io
 import numpy as np
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import plots, registry, synthetic
+from cifar10_cnn import cards, plots, synthetic
 from cifar10_cnn.training import EpochResult
 
 
@@ -60,7 +60,7 @@ def test_confident_mistakes_shows_the_surest_wrong_predictions_first():
 
 
 def test_model_card_says_how_good_and_how_to_use():
-    card = registry.model_card(
+    card = cards.model_card(
         name="cifar10-cnn-onnx", version="7", flavor="onnx", model="simple_cnn", num_parameters=62006,
         train_params={"epochs": "5", "batch_size": "32", "learning_rate": "0.001", "seed": "42", "train_device": "cpu",
                       "optimizer": "adam"},
@@ -75,7 +75,7 @@ def test_model_card_says_how_good_and_how_to_use():
                    "mlflow models serve -m models:/cifar10-cnn-onnx/7", "uint8 RGB `[batch, 32, 32, 3]`"):
         assert needle in card, needle
     assert "pipeline" not in card  # empty run ids are left out
-    fast = registry.model_card(  # what trained, after the budget and `auto` decided: not the recipe's request
+    fast = cards.model_card(  # what trained, after the budget and `auto` decided: not the recipe's request
         name="m", version="1", flavor="pytorch", model="airnet", num_parameters=569656,
         train_params={"epochs": "10", "epochs_planned": "4", "optimizer": "sgd", "lr_schedule": "triangle",
                       "precision": "auto", "precision_used": "fp32", "train_device": "cpu"},

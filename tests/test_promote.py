@@ -18,8 +18,9 @@ def register_pair(client, tmp_path, accuracy, run="r", tags_ok=True):
     tags = {"train_run_id": run * 32}
     if tags_ok:
         tags["test_accuracy"] = f"{accuracy:.4f}"
-    onnx_v = client.create_model_version("m-onnx", str(tmp_path), tags=tags)
-    pt = client.create_model_version("m", str(tmp_path), tags={**tags, "onnx_version": str(onnx_v.version)})
+    onnx_v = client.create_model_version("m-onnx", str(tmp_path), tags=tags, description="card")
+    pt = client.create_model_version("m", str(tmp_path), tags={**tags, "onnx_version": str(onnx_v.version)},
+                                     description="card")
     return str(pt.version), str(onnx_v.version)
 
 
@@ -101,5 +102,5 @@ def test_unpaired_flavors_are_refused(store, tmp_path):
     v1 = register_pair(client, tmp_path, 0.6, run="a")
     client.set_model_version_tag("m-onnx", v1[1], "train_run_id", "x" * 32)
     with pytest.raises(UserError, match="was not trained by the same run"):
-        registry.promote(client, "m", v1[0], "m-onnx")
+        registry.promote(client, registry.Names("m"), v1[0])
     assert aliases(client) == {"m": {}, "m-onnx": {}}
