@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs, runs the recipe (RECIPE=seed|fast, EPOCHS=auto, DATA=auto or a path/URL)
-#   make test   creates .venv, installs dev deps, runs ruff and the whole test suite with coverage
+#   make test   creates .venv, installs dev deps, runs ruff and the whole test suite (make coverage: with coverage)
 #   make bench  the side-by-side benchmark of bench/ (EPOCHS, DATA as for run)
 PYTHON ?= python3
 VENV ?= .venv

@@ -49,6 +49,7 @@ TAG_RESUMED_BY = "cifar10.resumed_by"  # the killed train run: the run that cont
 TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive (or folder) it read
 TAG_HARDWARE = "cifar10.hardware"  # train run: the device it trained on and its features (hardware.describe)
 TAG_DECISION = "cifar10.auto."  # train run: + precision / channels_last / warning: why auto chose what it chose
+TAG_PARTIAL = "cifar10.partial_artifacts"  # a FAILED run: artifacts a failure left half-written (not deleted)
 TAG_REUSED = "cifar10.reused"  # main run: the steps it took from earlier runs instead of running them
 TAG_STUDY = "cifar10.tune.study"  # tune run, and the winner's train run: the study's name
 TAG_STUDY_RUN = "cifar10.tune.study_run_id"  # the winner's train run: the study run its parameters came from

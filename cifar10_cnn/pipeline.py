@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import mlflow
 
 from . import constants as C
-from . import sources, tracking
+from . import sources
 from .errors import UserError
 from .progress import say
 
@@ -34,14 +38,14 @@ class Steps:
         self.reused: list[str] = []
         self.commit = None
         if reuse:
-            self.commit, why_not = tracking.code_version(project_dir)
+            self.commit, why_not = code_version(project_dir)
             if self.commit is None:
                 say(who, f"not reusing earlier step runs: {why_not}")
 
     def run(self, entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
         """The run id of `entry_point` with these parameters: an earlier FINISHED one, or a new nested run."""
         parameters = {k: str(v) for k, v in parameters.items()}
-        if can_reuse and self.commit and (earlier := tracking.reusable(
+        if can_reuse and self.commit and (earlier := reusable(
                 self.experiment_id, entry_point, parameters, self.commit, match_tags or {})):
             say(self.who, f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
             self.reused.append(entry_point)
@@ -78,12 +82,77 @@ class Steps:
             mlflow.start_run(run_id=self.parent_id)
             return self.run("evaluate", {"train_run_id": train_id, "device": device, "tta": tta})
 
-        evaluate = tracking.in_thread(evaluate_beside)
+        evaluate = in_thread(evaluate_beside)
         try:
-            evaluate_started = tracking.child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
+            evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
             export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
                                             "model_name": model_name, "int8": int8})
         except UserError:
             evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
             raise
         return evaluate.result(), export_id
+
+
+def code_version(project_dir: Path) -> tuple[str | None, str]:
+    """The git commit of the project, or None and why, when the code is not exactly a commit."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"git is not usable here ({exc})"
+    if head.returncode != 0:
+        return None, f"{project_dir} is not a git checkout"
+    if dirty.stdout.strip():
+        return None, "the project has uncommitted changes, so its code is not a known version"
+    return head.stdout.strip(), ""
+
+
+def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
+    """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
+
+    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes.
+    """
+    import shlex
+
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{C.TAG_STEP}` = '{entry_point}' and attributes.status = 'FINISHED' "
+                       f"and tags.`mlflow.source.git.commit` = '{commit}'"),
+    )
+    for run in runs:
+        if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(
+                run.data.tags.get(k) == v for k, v in tags.items()):
+            return run.info.run_id
+    return None
+
+
+def in_thread(fn: Callable, *args) -> Future:
+    """`fn(*args)` in a thread of its own; its Future. The thread is a daemon: a stopped main (Ctrl-C,
+    SIGTERM, an error) does not wait for it, and a step process it started is told by its parent-death
+    signal. (A ThreadPoolExecutor's threads are joined when the interpreter exits: main would hang.)"""
+    future: Future = Future()
+
+    def target():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "step"), daemon=True).start()
+    return future
+
+
+def child_run_id(step: Future, parent_run_id: str, experiment_id: str, entry_point: str) -> str:
+    """The run id of the `entry_point` step that `step` runs under the parent run, as soon as MLflow has made
+    the run (before its process starts); the step's own result if it ends without making one (reused)."""
+    query = f"tags.`{C.TAG_PARENT_RUN}` = '{parent_run_id}' and tags.`{C.TAG_ENTRY_POINT}` = '{entry_point}'"
+    while not (runs := mlflow.search_runs([experiment_id], query, output_format="list")):
+        if step.done():
+            return step.result()
+        time.sleep(0.1)
+    return runs[0].info.run_id

@@ -106,7 +106,7 @@ def decode_images(encoded: list, max_batch: int | None) -> np.ndarray:
         if isinstance(item, str):
             text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data URL's payload
             try:
-                item = base64.b64decode(text.strip(), validate=True)
+                item = base64.b64decode("".join(text.split()), validate=True)  # MIME line breaks allowed (Spark)
             except (binascii.Error, ValueError):
                 raise InvalidImages(f"{name}: not valid base64 (send each image file base64-encoded)") from None
         elif not isinstance(item, (bytes, bytearray)):

@@ -3,16 +3,16 @@ what an upstream step left in the tracking store."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,10 +85,53 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
         mlflow.end_run("KILLED")
         print(f"error: {step}: interrupted; its run is ended and nothing more is logged", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            mlflow.end_run("FAILED")
+            raise
+        message = no_space(exc, run.info.artifact_uri)
+        with contextlib.suppress(Exception):  # ending the run writes to the store too, which may be full
+            mlflow.end_run("FAILED")
+        print(f"error: {step}: {message}", file=sys.stderr)
+        sys.exit(2)
     except BaseException:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def no_space(exc: OSError, artifact_uri: str) -> str:
+    """A full disk in one line: where the write failed (when the error says), the run's artifact store and
+    the temporary folder, each with its free space."""
+    import shutil
+    import tempfile
+
+    local = urllib.parse.urlparse(artifact_uri).path if artifact_uri.startswith("file:") else (
+        artifact_uri if "://" not in artifact_uri else None)
+    places = []
+    for place in dict.fromkeys(p for p in (exc.filename, local, tempfile.gettempdir()) if p):
+        existing = Path(place)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        places.append(f"{place} ({shutil.disk_usage(existing).free / 2**20:,.0f} MiB free)")
+    return f"no space left on device: {', '.join(places)}; free some space and run the step again"
+
+
+def log_artifacts_whole(local_dir: str, artifact_path: str) -> None:
+    """mlflow.log_artifacts, with what it copied deleted again when it fails partway (a full disk): a FAILED
+    run keeps no partial artifacts that look like data. Where the store cannot delete, the run says so in
+    its TAG_PARTIAL tag."""
+    try:
+        mlflow.log_artifacts(local_dir, artifact_path)
+    except BaseException:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            get_artifact_repository(mlflow.active_run().info.artifact_uri).delete_artifacts(artifact_path)
+        except Exception:
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(C.TAG_PARTIAL, artifact_path)
+        raise
 
 
 def log_new_params(params: dict) -> None:
@@ -198,68 +241,3 @@ def tag_experiment_kind(experiment_id: str) -> None:
     client = mlflow.MlflowClient()
     if C.EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, C.EXPERIMENT_KIND_TAG, C.EXPERIMENT_KIND)
-
-
-def code_version(project_dir: Path) -> tuple[str | None, str]:
-    """The git commit of the project, or None and why, when the code is not exactly a commit."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "-C", str(project_dir), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=30)
-        dirty = subprocess.run(["git", "-C", str(project_dir), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"git is not usable here ({exc})"
-    if head.returncode != 0:
-        return None, f"{project_dir} is not a git checkout"
-    if dirty.stdout.strip():
-        return None, "the project has uncommitted changes, so its code is not a known version"
-    return head.stdout.strip(), ""
-
-
-def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
-    """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
-
-    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes.
-    """
-    import shlex
-
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
-        filter_string=(f"tags.`{C.TAG_STEP}` = '{entry_point}' and attributes.status = 'FINISHED' "
-                       f"and tags.`mlflow.source.git.commit` = '{commit}'"),
-    )
-    for run in runs:
-        if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(
-                run.data.tags.get(k) == v for k, v in tags.items()):
-            return run.info.run_id
-    return None
-
-
-def in_thread(fn: Callable, *args) -> Future:
-    """`fn(*args)` in a thread of its own; its Future. The thread is a daemon: a stopped main (Ctrl-C,
-    SIGTERM, an error) does not wait for it, and a step process it started is told by its parent-death
-    signal. (A ThreadPoolExecutor's threads are joined when the interpreter exits: main would hang.)"""
-    future: Future = Future()
-
-    def target():
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # handed to whoever waits on the future
-                future.set_exception(exc)
-
-    threading.Thread(target=target, name=getattr(fn, "__name__", "step"), daemon=True).start()
-    return future
-
-
-def child_run_id(step: Future, parent_run_id: str, experiment_id: str, entry_point: str) -> str:
-    """The run id of the `entry_point` step that `step` runs under the parent run, as soon as MLflow has made
-    the run (before its process starts); the step's own result if it ends without making one (reused)."""
-    query = f"tags.`{C.TAG_PARENT_RUN}` = '{parent_run_id}' and tags.`{C.TAG_ENTRY_POINT}` = '{entry_point}'"
-    while not (runs := mlflow.search_runs([experiment_id], query, output_format="list")):
-        if step.done():
-            return step.result()
-        time.sleep(0.1)
-    return runs[0].info.run_id

@@ -92,7 +92,7 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
         return registry.Entry(info, {**tags, "flavor": flavor, **(extra_tags or {})}, lambda version: cards.model_card(
             name=name, version=version, flavor=flavor, **{**facts, **card_facts}))
 
-    int8_entry = int8_to_register(int8_model, names.int8, entry, tags["test_accuracy"]) if int8_model is not None else None
+    int8_entry = None if int8_model is None else int8_to_register(int8_model, names.int8, entry, tags["test_accuracy"])
     client = mlflow.MlflowClient()
     with tracking.store_lock(registry.LOCK) as locked:
         for change in registry.repair(client, names, locked):

@@ -20,7 +20,7 @@ def run(data: str, expected_records: str) -> None:
     digest = dataset.digest()
     with tempfile.TemporaryDirectory() as tmp:
         datalib.save(dataset, Path(tmp) / C.DATASET_DIR, digest)
-        mlflow.log_artifacts(str(Path(tmp) / C.DATASET_DIR), C.DATASET_DIR)
+        tracking.log_artifacts_whole(str(Path(tmp) / C.DATASET_DIR), C.DATASET_DIR)
     for split, context in (("train", "training"), ("test", "testing")):
         images = getattr(dataset, f"{split}_images")
         labels = getattr(dataset, f"{split}_labels")

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import recipes, tracking
+from cifar10_cnn import pipeline, recipes, tracking
 from cifar10_cnn.errors import UserError
 from steps import main
 from tests.conftest import fails, step_runs
@@ -114,15 +114,15 @@ def test_reuse_takes_only_a_finished_run_of_the_same_code_parameters_and_data(st
         return run.info.run_id
 
     step_run(epochs="3"), step_run(commit="0ther"), step_run(status="FAILED")
-    assert tracking.reusable("0", "train", params, "c0ffee", {}) is None
+    assert pipeline.reusable("0", "train", params, "c0ffee", {}) is None
     same = step_run()
-    assert tracking.reusable("0", "train", params, "c0ffee", {}) == same
-    assert tracking.reusable("0", "train", params, "c0ffee", {C.TAG_SOURCE_SHA256: "d2"}) is None  # other data
-    assert tracking.reusable("0", "train", {**params, "epochs": "3"}, "c0ffee", {}) != same
+    assert pipeline.reusable("0", "train", params, "c0ffee", {}) == same
+    assert pipeline.reusable("0", "train", params, "c0ffee", {C.TAG_SOURCE_SHA256: "d2"}) is None  # other data
+    assert pipeline.reusable("0", "train", {**params, "epochs": "3"}, "c0ffee", {}) != same
 
 
 def test_code_version_is_a_clean_git_commit(tmp_path):
-    from cifar10_cnn.tracking import code_version
+    from cifar10_cnn.pipeline import code_version
 
     assert code_version(tmp_path) == (None, f"{tmp_path} is not a git checkout")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]

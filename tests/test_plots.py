@@ -4,8 +4,8 @@ import io
 
 import numpy as np
 
-from cifar10_cnn import constants as C
 from cifar10_cnn import cards, plots, synthetic
+from cifar10_cnn import constants as C
 from cifar10_cnn.training import EpochResult
 
 

@@ -50,6 +50,24 @@ def test_ingest_missing_data_fails_and_caches_nothing(store, tmp_path, capsys):
     assert not (tmp_path / "data").exists()
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_partial_dataset(store, archive, monkeypatch, capsys):
+    """The artifact store fills up while ingest logs the dataset: one file copied, then ENOSPC."""
+    import errno
+    import re
+
+    def copy_one_then_fill_up(local_dir, artifact_path):
+        mlflow.log_artifact(f"{local_dir}/meta.json", artifact_path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_artifacts", copy_one_then_fill_up)
+    line = fails(ingest, ["--data", str(archive), "--expected-records", "any"], capsys, "no space left on device: ")
+    (run,) = step_runs("ingest")
+    local = run.info.artifact_uri.removeprefix("file://")
+    assert re.search(re.escape(local) + r" \([\d,]+ MiB free\)", line), line  # the store, with its free space
+    assert line.endswith("free some space and run the step again")
+    assert run.info.status == "FAILED" and MlflowClient().list_artifacts(run.info.run_id, C.DATASET_DIR) == []
+
+
 def test_ingest_corrupt_archive_fails(store, tmp_path, capsys):
     path = synthetic.write_archive(tmp_path / "evil.tar.gz", synthetic.batch_files(),
                                    extra=[synthetic_link()])

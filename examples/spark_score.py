@@ -1,0 +1,91 @@
+"""Score image files on Spark with a registered model, through MLflow's `spark_udf`.
+
+    python examples/spark_score.py models:/cifar10-cnn-onnx@champion photos/ predictions/
+    spark-submit --master yarn examples/spark_score.py models:/cifar10-cnn-onnx@champion s3://bucket/photos out/
+
+INPUT is a folder of image files (read recursively with Spark's binaryFile source) or a Parquet table
+(a path ending in .parquet) with a `path` column and an `image` column of encoded image files (bytes,
+or base64 text). OUTPUT, a new Parquet folder, gets one row per image: path, class, class_index,
+probability, probabilities and error, as `mlflow run . -e predict` writes them: an image that cannot be
+read gets its error and no class, and the others are still scored. The executors need this project
+installed (`pip install .`, for `cifar10_cnn.images`, which checks each file as the predict command
+does) and the model's requirements (mlflow, onnxruntime or torch, pillow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pandas as pd
+
+
+def unreadable(paths: pd.Series, encoded: pd.Series) -> pd.Series:
+    """Why each encoded image cannot be scored (None where it can): images.decode, as the model runs it."""
+    import base64
+    import binascii
+
+    from cifar10_cnn import images
+
+    def why(path: str, item: str) -> str | None:
+        try:
+            images.decode(base64.b64decode("".join(item.split()), validate=True), path)
+        except images.UnreadableImage as exc:
+            return str(exc)
+        except (binascii.Error, ValueError):
+            return f"{path}: not valid base64"
+        return None
+
+    return pd.Series([why(p, e) for p, e in zip(paths, encoded, strict=True)], dtype=object)
+
+
+def score(spark, model_uri: str, source: str, dest: str) -> None:
+    import mlflow
+    from pyspark.sql import functions as F
+
+    if source.rstrip("/").endswith(".parquet"):
+        table = spark.read.parquet(source)
+    else:  # a folder of image files
+        files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(source)
+        table = files.select("path", F.col("content").alias("image"))
+    if missing := {"path", "image"} - set(table.columns):
+        raise SystemExit(f"error: {source}: a Parquet table of images needs the columns path and image; "
+                         f"missing {sorted(missing)}")
+    if dict(table.dtypes)["image"] == "binary":
+        table = table.withColumn("image", F.base64("image"))  # what the model takes: base64 text
+    check = F.pandas_udf(unreadable, "string")
+    classify = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local")  # result type: the model's output
+    checked = table.withColumn("error", check("path", "image"))
+    good = checked.where(F.col("error").isNull()).withColumn("prediction", classify("image"))
+    scored = good.select("path", "prediction.*", "error")
+    bad = checked.where(F.col("error").isNotNull()).select(
+        "path", *(F.lit(None).cast(t).alias(c) for c, t in scored.dtypes if c not in ("path", "error")), "error")
+    scored.unionByName(bad).write.parquet(dest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_uri", help="e.g. models:/cifar10-cnn-onnx@champion")
+    parser.add_argument("input", help="a folder of image files, or a Parquet table (*.parquet) with path and "
+                        "image columns")
+    parser.add_argument("output", help="a Parquet folder to create")
+    parser.add_argument("--master", default=None, help="Spark master (default: spark-submit's, or local[*])")
+    args = parser.parse_args(argv)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName("cifar10-cnn scoring")
+    if args.master or not SparkSession.getActiveSession():
+        builder = builder.master(args.master or "local[*]")
+    if (args.master or "local").startswith("local"):  # the workers run this Python, with its packages
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = builder.getOrCreate()
+    score(spark, args.model_uri, args.input, args.output)
+    rows = spark.read.parquet(args.output)
+    print(f"scored {rows.where('error IS NULL').count():,} image(s), {rows.where('error IS NOT NULL').count():,} "
+          f"error(s): {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The registered models on a local Spark (`local[2]`) through MLflow's spark_udf, as docs/scale-out.md shows."""
+
+import base64
+import importlib.util
+import shutil
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cifar10_cnn import predict, synthetic
+from tests.conftest import PROJECT_DIR
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("java") is None, reason="no Java for Spark (.ci/run installs "
+                                                             "openjdk-17-jre-headless)"),
+    pytest.mark.skipif(importlib.util.find_spec("pyspark") is None, reason="pyspark is not installed"),
+]
+
+
+def example():
+    spec = importlib.util.spec_from_file_location("spark_score", PROJECT_DIR / "examples" / "spark_score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYSPARK_PYTHON", sys.executable)  # the workers: this Python, with the project installed
+        session = (SparkSession.builder.master("local[2]").appName("cifar10-cnn tests")
+                   .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
+        session.sparkContext.setLogLevel("ERROR")
+        yield session
+        session.stop()
+
+
+def test_the_example_scores_a_folder_on_spark_as_predict_does(chain, spark, tmp_path):
+    pixels = synthetic.images_for(np.arange(300) % 10, np.random.default_rng(8)).transpose(0, 2, 3, 1).copy()
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / ("sub" if i % 2 else "") / f"img{i:03d}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    uri = "models:/tiny-onnx@candidate"
+
+    assert example().main([uri, str(folder), str(tmp_path / "out"), "--master", "local[2]"]) == 0
+    got = pd.read_parquet(tmp_path / "out").set_index("path")
+    expected = predict.classify(sorted(folder.rglob("*.*")), mlflow.pyfunc.load_model(uri).predict)
+    got = got.loc[[f"file:{r.path}" for r in expected]]
+    assert list(got["class"].fillna("")) == [r.label or "" for r in expected]  # the same classes, file by file
+    assert np.allclose(got["probability"].dropna(), [r.probability for r in expected if r.label])
+    assert list(got["error"].dropna()) == [f"file:{r.error}" for r in expected if r.error]  # named by its path
+
+
+def test_spark_udf_takes_the_image_column_plain_and_as_a_struct_for_both_flavors(chain, spark):
+    """Spark's default Arrow batches (10,000 rows) go to the model whole: only a served request is bounded."""
+    from pyspark.sql import functions as F
+
+    pixels = synthetic.images_for(np.arange(1100) % 10, np.random.default_rng(9)).transpose(0, 2, 3, 1).copy()
+    encoded = [base64.b64encode(png(p)).decode() for p in pixels]
+    table = spark.createDataFrame(pd.DataFrame({"image": encoded})).coalesce(1)  # one batch of 1,100 > 1,024
+    for name in ("tiny-onnx", "tiny"):
+        expected = list(mlflow.pyfunc.load_model(f"models:/{name}@candidate").predict(pixels)["class"])
+        classify = mlflow.pyfunc.spark_udf(spark, f"models:/{name}@candidate")
+        for column in (F.col("image"), F.struct("image")):
+            got = table.select(classify(column).alias("p")).select("p.class").toPandas()["class"]
+            assert list(got) == expected, (name, column)
+
+
+def png(pixels) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
