@@ -43,7 +43,7 @@ def spark():
 
 
 def test_the_example_scores_a_folder_on_spark_as_predict_does(chain, spark, tmp_path):
-    pixels = synthetic.images_for(np.arange(300) % 10, np.random.default_rng(8)).transpose(0, 2, 3, 1).copy()
+    pixels = synthetic.images_for(np.arange(120) % 10, np.random.default_rng(8)).transpose(0, 2, 3, 1).copy()
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     for i, image in enumerate(pixels):

@@ -159,9 +159,9 @@ def test_fast_recipe_features_train_and_learn():
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(monkeypatch):
     """Resumed after epoch 1 and after epoch 4 (inside the lookahead, after the stem's bias froze): the
     same losses and bit for bit the same weights as the run that was never interrupted."""
-    monkeypatch.setattr(optimizers, "LOOKAHEAD_EVERY_IMAGES", 128)  # a pull every 2 steps of 64
-    images, labels = data(n=256)
-    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1,
+    monkeypatch.setattr(optimizers, "LOOKAHEAD_EVERY_IMAGES", 64)  # a pull every 2 steps of 32
+    images, labels = data(n=128)
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=32, warmup_epochs=1,
                                         lookahead=True), NO_BF16_CPU)  # Muon's state and the average, resumed
     assert config.lookahead and optimizers.LOOKAHEAD_START_EPOCH < 4 <= config.epochs
     saved = []
@@ -229,7 +229,7 @@ def test_parameter_groups_batch_norm_rate_and_frozen_whitening():
 
 def test_whitening_bias_learns_for_its_epochs_then_stays():
     images, labels = data(n=128)
-    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=64, warmup_epochs=1,
+    config, _ = hardware.decide(replace(recipes.RECIPES["fast"], epochs=5, batch_size=32, warmup_epochs=1,
                                         lookahead=False), NO_BF16_CPU)
     saved = []
     net = models.build(config.model, seed=config.seed)
