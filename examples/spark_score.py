@@ -21,6 +21,18 @@ import sys
 import pandas as pd
 
 
+def blank_png() -> str:
+    """A 32x32 black PNG, base64: scored in place of an unreadable image, whose prediction is dropped."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def unreadable(paths: pd.Series, encoded: pd.Series) -> pd.Series:
     """Why each encoded image cannot be scored (None where it can): images.decode, as the model runs it."""
     import base64
@@ -46,8 +58,10 @@ def score(spark, model_uri: str, source: str, dest: str) -> None:
 
     if source.rstrip("/").endswith(".parquet"):
         table = spark.read.parquet(source)
-    else:  # a folder of image files
+    else:  # a folder of image files: Spark packs ~32 small files a partition; a task per partition is too many
         files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(source)
+        target = 2 * spark.sparkContext.defaultParallelism
+        files = files.coalesce(target) if files.rdd.getNumPartitions() > target else files
         table = files.select("path", F.col("content").alias("image"))
     if missing := {"path", "image"} - set(table.columns):
         raise SystemExit(f"error: {source}: a Parquet table of images needs the columns path and image; "
@@ -56,12 +70,14 @@ def score(spark, model_uri: str, source: str, dest: str) -> None:
         table = table.withColumn("image", F.base64("image"))  # what the model takes: base64 text
     check = F.pandas_udf(unreadable, "string")
     classify = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local")  # result type: the model's output
+    # One pass: an unreadable image is swapped for a blank one before the model sees it (the model refuses
+    # a batch holding one bad image), and its prediction is dropped again.
     checked = table.withColumn("error", check("path", "image"))
-    good = checked.where(F.col("error").isNull()).withColumn("prediction", classify("image"))
-    scored = good.select("path", "prediction.*", "error")
-    bad = checked.where(F.col("error").isNotNull()).select(
-        "path", *(F.lit(None).cast(t).alias(c) for c, t in scored.dtypes if c not in ("path", "error")), "error")
-    scored.unionByName(bad).write.parquet(dest)
+    readable = F.col("error").isNull()
+    scored = checked.withColumn("prediction", classify(F.when(readable, F.col("image")).otherwise(F.lit(blank_png()))))
+    scored.select("path", *(F.when(readable, F.col(f"prediction.{c}")).alias(c)
+                            for c in ("class", "class_index", "probability", "probabilities")), "error") \
+        .write.parquet(dest)
 
 
 def main(argv=None) -> int:

@@ -107,7 +107,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     mlflow.set_tags({C.TAG_REGISTERED.format(flavor=flavor): f"{name}/{versions[name]}"
                      for flavor, name in (("pytorch", names.pytorch), ("onnx", names.onnx), ("onnx_int8", names.int8))
                      if name in versions})
-    registered = ", ".join(f"{name} v{version}" for name, version in versions.items())
+    registered = ", ".join(f"{name} v{versions[name]}" for name in (names.pytorch, names.onnx, names.int8)
+                           if name in versions)
     say("export", f"registered {registered}, alias @{C.CANDIDATE_ALIAS}")
 
 
