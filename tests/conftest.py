@@ -146,3 +146,15 @@ def chain(pipeline, monkeypatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(previous)
+
+
+# The files that take longest, first: pytest-xdist (--dist loadfile) hands out files in collection order, and
+# a long file started last keeps one worker busy while the other waits (longest first balances the two).
+LONGEST_FIRST = ["test_end_to_end.py", "test_team_server.py", "test_scoring.py", "test_reliability.py",
+                 "test_interrupts.py", "test_spark.py", "test_distributed.py", "test_pipeline_steps.py",
+                 "test_bench.py", "test_training.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays

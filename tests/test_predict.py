@@ -115,7 +115,7 @@ def test_special_files_in_a_folder_are_listed_as_errors(tmp_path):
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    save(folder / "ok.png", np.zeros((32, 32, 3), np.uint8))
+    save(folder / "ok.png", np.full((32, 32, 3), (200, 0, 0), np.uint8))
     (folder / "zero.png").symlink_to("/dev/zero")
     os.mkfifo(folder / "pipe.png")
     (folder / "loop.png").symlink_to(folder / "loop.png")

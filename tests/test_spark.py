@@ -81,3 +81,31 @@ def png(pixels) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_a_search_runs_its_trials_as_spark_tasks(chain, spark):
+    """docs/scale-out.md's MlflowSparkStudy example on local[2]: the trials are Spark tasks, each a run
+    nested under the study run (MLflow's own Optuna storage), with its held-out curve and no test metric."""
+    from mlflow.optuna.storage import MlflowStorage
+    from mlflow.pyspark.optuna.study import MlflowSparkStudy
+
+    from cifar10_cnn import search, tracking
+
+    job = {"ingest_run_id": chain["ingest"], "recipe": "seed", "space": "learning_rate=0.0005:0.002:log,epochs=2:3",
+           "validation": 50, "device": "cpu"}
+    experiment_id = mlflow.create_experiment("search on spark")  # beside the chain's runs, not among them
+    study = MlflowSparkStudy("on-spark", MlflowStorage(experiment_id), sampler=search.sampler(42, 2),
+                             pruner=search.pruner(), direction="maximize")
+
+    def objective(trial):  # runs on an executor: the data comes from the tracking store, like every step's
+        return search.run_trial(trial, job, tracking.dataset_of(job["ingest_run_id"], ("train",)), worker=0)
+
+    study.optimize(objective, n_trials=2, n_jobs=2)
+    trials = study.trials
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" and 0 <= t.value <= 1 for t in trials)
+    client = mlflow.MlflowClient()
+    for trial in trials:
+        run = client.get_run(trial._trial_id)
+        assert run.data.tags["mlflow.parentRunId"] == study._study_id
+        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == int(trial.params["epochs"])
+        assert not any(k.startswith("test") for k in run.data.metrics)
