@@ -10,7 +10,9 @@ The registry has no transactions, so the order of the calls carries the guarante
 
 A crash before the commit leaves the PyTorch alias on the previous set; `repair`, which export and
 promote run first (under the store's lock), puts the ONNX and INT8 aliases back on the versions that the
-PyTorch alias's version names, and tags the versions an interrupted export left without an alias (TAG_ORPHAN).
+PyTorch alias's version names, and tags the versions an interrupted export left outside every committed
+set (TAG_ORPHAN). A set an alias has reached is committed for good (TAG_REGISTRATION), whatever became
+of its export run afterwards.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import UserError
 
 ONNX_VERSION, INT8_VERSION, PYTORCH_VERSION = "onnx_version", "int8_version", "pytorch_version"  # version tags
 TAG_ORPHAN = "orphan"  # on a version an interrupted export left behind: why no alias will point at it
+TAG_REGISTRATION, COMMITTED = "registration", "committed"  # on a PyTorch version whose set an alias reached
 CHAMPION, PREVIOUS = "champion", "previous"
 ALIASES = (C.CANDIDATE_ALIAS, CHAMPION, PREVIOUS)
 LOCK = "registry"  # tracking.store_lock's name for a registration or promotion
@@ -85,6 +88,7 @@ def publish(client: MlflowClient, names: Names, pytorch: Entry, onnx: Entry, int
         if entry:
             client.update_model_version(name, versions[name], description=entry.card(versions[name]))
     move(client, names, alias, client.get_model_version(names.pytorch, versions[names.pytorch]))
+    client.set_model_version_tag(names.pytorch, versions[names.pytorch], TAG_REGISTRATION, COMMITTED)
     return versions
 
 
@@ -100,31 +104,45 @@ def move(client: MlflowClient, names: Names, alias: str, pytorch: ModelVersion) 
 
 
 def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
-    """Undo what an interrupted publish or promotion left: each twin's alias back on the version the PyTorch
-    alias's version names; versions of an interrupted export tagged TAG_ORPHAN. Without the store's lock
-    (`locked` False: a tracking server) only versions of an export run that ended FAILED or KILLED count
-    as interrupted, since another export may be writing its set at this moment. Returns what it changed."""
+    """Undo what an interrupted publish or promotion left. Returns what it changed.
+
+    1. Each twin's alias back on the version the PyTorch alias's version names. Without the store's lock
+       (`locked` False: a tracking server), only where the twin's alias is on a version of an export run
+       that has ended: another export may be between its alias moves at this moment.
+    2. Every set a PyTorch alias points at is marked committed (TAG_REGISTRATION on its PyTorch version;
+       publish marks its own set, and this catches a kill between the commit and the mark).
+    3. Versions of an interrupted export, unaliased and in no committed set, tagged TAG_ORPHAN: without
+       the lock only those of an export run that ended FAILED or KILLED; versions that no export made
+       (no `export_run_id`) are left alone.
+    """
     changed = []
     for alias in ALIASES:
         head = _by_alias(client, names.pytorch, alias)
         for name, tag in names.twins():
             want = head.tags.get(tag) if head else None
             have = _by_alias(client, name, alias)
-            if (str(have.version) if have else None) != want:
-                if want:
-                    client.set_registered_model_alias(name, alias, want)
-                else:
-                    _drop_alias(client, name, alias)
-                changed.append(f"{name}@{alias} -> {want or 'removed'}")
+            if (str(have.version) if have else None) == want or (
+                    not locked and have is not None and _export_status(client, have) in ("RUNNING", None)):
+                continue
+            if want:
+                client.set_registered_model_alias(name, alias, want)
+            else:
+                _drop_alias(client, name, alias)
+            changed.append(f"{name}@{alias} -> {want or 'removed'}")
+        if head is not None and head.tags.get(TAG_REGISTRATION) != COMMITTED:
+            client.set_model_version_tag(names.pytorch, str(head.version), TAG_REGISTRATION, COMMITTED)
+    committed = {str(v.version) for v in _versions(client, names.pytorch) if v.tags.get(TAG_REGISTRATION) == COMMITTED}
     for name in (names.pytorch, names.onnx, names.int8):
         for version in _versions(client, name):
-            if version.aliases or TAG_ORPHAN in version.tags:
+            head = str(version.version) if name == names.pytorch else version.tags.get(PYTORCH_VERSION)
+            if version.aliases or TAG_ORPHAN in version.tags or head in committed \
+                    or "export_run_id" not in version.tags:
                 continue
             status = _export_status(client, version)
-            if (locked and (not version.description or status not in ("FINISHED", None))) or \
+            if (locked and status not in ("FINISHED", None)) or (locked and not version.description) or \
                     status in ("FAILED", "KILLED"):
                 client.set_model_version_tag(name, version.version, TAG_ORPHAN, (
-                    f"registration interrupted (export run {version.tags.get('export_run_id', '?')} "
+                    f"registration interrupted (export run {version.tags['export_run_id']} "
                     f"{(status or 'unknown').lower()}); no alias points at it"))
                 changed.append(f"{name} v{version.version} orphan")
     return changed
@@ -143,20 +161,25 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 
 
 def _export_status(client: MlflowClient, version: ModelVersion) -> str | None:
+    """The status of the export run that made `version`; None when unknown (no tag, or the store says nothing)."""
     run_id = version.tags.get("export_run_id")
     if not run_id:
         return None
     try:
         return client.get_run(run_id).info.status
     except MlflowException:
-        return "DELETED"
+        return None
 
 
 def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` names; None when the model or the alias does not exist (other errors raise: a store
+    that cannot answer must not look like an alias to remove)."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _drop_alias(client: MlflowClient, name: str, alias: str) -> None:

@@ -102,20 +102,25 @@ def decode_images(encoded: list, max_batch: int | None) -> np.ndarray:
     check_count(len(encoded), max_batch)
     pixels = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
     for i, item in enumerate(encoded):
-        name = f"{IMAGE_COLUMN} {i}"
-        if isinstance(item, str):
-            text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data URL's payload
-            try:
-                item = base64.b64decode("".join(text.split()), validate=True)  # MIME line breaks allowed (Spark)
-            except (binascii.Error, ValueError):
-                raise InvalidImages(f"{name}: not valid base64 (send each image file base64-encoded)") from None
-        elif not isinstance(item, (bytes, bytearray)):
-            raise InvalidImages(f"{name}: expected a base64 string of an image file, got {type(item).__name__}")
-        try:
-            pixels[i] = imagelib.decode(bytes(item), name)
-        except imagelib.UnreadableImage as exc:
-            raise InvalidImages(str(exc)) from None
+        pixels[i] = decode_one(item, f"{IMAGE_COLUMN} {i}")
     return pixels
+
+
+def decode_one(item, name: str) -> np.ndarray:
+    """One image file, as base64 text (a data URL's prefix and MIME line breaks allowed) or bytes -> uint8
+    `[32, 32, 3]`, or InvalidImages naming it `name`."""
+    if isinstance(item, str):
+        text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data URL's payload
+        try:
+            item = base64.b64decode("".join(text.split()), validate=True)  # MIME line breaks allowed (Spark)
+        except (binascii.Error, ValueError):
+            raise InvalidImages(f"{name}: not valid base64 (send each image file base64-encoded)") from None
+    elif not isinstance(item, (bytes, bytearray)):
+        raise InvalidImages(f"{name}: expected a base64 string of an image file, got {type(item).__name__}")
+    try:
+        return imagelib.decode(bytes(item), name)
+    except imagelib.UnreadableImage as exc:
+        raise InvalidImages(str(exc)) from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -163,7 +168,7 @@ class Classifier:
             raise ValueError(f"{CONFIG_FILE}: unknown backend {config['backend']!r}")
 
     def predict(self, data, params=None) -> pd.DataFrame:
-        in_server = os.environ.get(SERVING_ENV, "").lower() == "true"
+        in_server = os.environ.get(SERVING_ENV, "").lower() in ("true", "1")
         try:
             images = check_images(data, self.max_batch if in_server else None)
         except InvalidImages as exc:

@@ -113,7 +113,10 @@ def no_space(exc: OSError, artifact_uri: str) -> str:
         existing = Path(place)
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
-        places.append(f"{place} ({shutil.disk_usage(existing).free / 2**20:,.0f} MiB free)")
+        try:
+            places.append(f"{place} ({shutil.disk_usage(existing).free / 2**20:,.0f} MiB free)")
+        except OSError:  # the error is what the user needs; a place we cannot measure is named without a figure
+            places.append(place)
     return f"no space left on device: {', '.join(places)}; free some space and run the step again"
 
 

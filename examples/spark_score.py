@@ -34,19 +34,17 @@ def blank_png() -> str:
 
 
 def unreadable(paths: pd.Series, encoded: pd.Series) -> pd.Series:
-    """Why each encoded image cannot be scored (None where it can): images.decode, as the model runs it."""
-    import base64
-    import binascii
+    """Why each encoded image cannot be scored (None where it can), named by its path: the model's own
+    decoding (cifar10_cnn.serving, which the registered model carries a copy of)."""
+    from cifar10_cnn import serving
 
-    from cifar10_cnn import images
-
-    def why(path: str, item: str) -> str | None:
+    def why(path: str, item) -> str | None:
+        if item is None or (isinstance(item, float) and pd.isna(item)):  # a null cell (Arrow: NaN)
+            return f"{path}: no image"
         try:
-            images.decode(base64.b64decode("".join(item.split()), validate=True), path)
-        except images.UnreadableImage as exc:
+            serving.decode_one(item, path)
+        except serving.InvalidImages as exc:
             return str(exc)
-        except (binascii.Error, ValueError):
-            return f"{path}: not valid base64"
         return None
 
     return pd.Series([why(p, e) for p, e in zip(paths, encoded, strict=True)], dtype=object)
@@ -86,14 +84,16 @@ def main(argv=None) -> int:
     parser.add_argument("input", help="a folder of image files, or a Parquet table (*.parquet) with path and "
                         "image columns")
     parser.add_argument("output", help="a Parquet folder to create")
-    parser.add_argument("--master", default=None, help="Spark master (default: spark-submit's, or local[*])")
+    parser.add_argument("--master", default=None, help="Spark master (default: spark-submit's, else local[*])")
     args = parser.parse_args(argv)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("cifar10-cnn scoring")
-    if args.master or not SparkSession.getActiveSession():
-        builder = builder.master(args.master or "local[*]")
-    if (args.master or "local").startswith("local"):  # the workers run this Python, with its packages
+    # spark-submit starts this script with PYSPARK_GATEWAY_PORT set and its own --master in force; else local.
+    master = args.master or (None if "PYSPARK_GATEWAY_PORT" in os.environ else "local[*]")
+    if master:
+        builder = builder.master(master)
+    if master and master.startswith("local"):  # the workers run this Python, with its packages
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = builder.getOrCreate()
     score(spark, args.model_uri, args.input, args.output)

@@ -101,8 +101,8 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
             versions = registry.publish(client, names, entry(pytorch_info, names.pytorch, "pytorch"),
                                         entry(onnx_info, names.onnx, "onnx"), int8_entry)
         except BaseException:
-            with contextlib.suppress(Exception):  # the versions it wrote are this failed run's orphans
-                registry.repair(client, names, locked)
+            with contextlib.suppress(Exception):  # under the lock: what it wrote is tagged orphan now
+                registry.repair(client, names, locked)  # (on a server: by a later repair, once this run FAILED)
             raise
     mlflow.set_tags({C.TAG_REGISTERED.format(flavor=flavor): f"{name}/{versions[name]}"
                      for flavor, name in (("pytorch", names.pytorch), ("onnx", names.onnx), ("onnx_int8", names.int8))

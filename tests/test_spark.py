@@ -59,6 +59,14 @@ def test_the_example_scores_a_folder_on_spark_as_predict_does(chain, spark, tmp_
     assert np.allclose(got["probability"].dropna(), [r.probability for r in expected if r.label])
     assert list(got["error"].dropna()) == [f"file:{r.error}" for r in expected if r.error]  # named by its path
 
+    # A Parquet table of image files (bytes), one of them missing: the same classes, and that row's error.
+    table = pd.DataFrame({"path": ["a", "b", "none"], "image": [png(pixels[0]), png(pixels[1]), None]})
+    table.to_parquet(tmp_path / "table.parquet")
+    assert example().main([uri, str(tmp_path / "table.parquet"), str(tmp_path / "out2")]) == 0
+    got = pd.read_parquet(tmp_path / "out2").set_index("path").loc[["a", "b", "none"]]
+    assert list(got["class"][:2]) == list(mlflow.pyfunc.load_model(uri).predict(pixels[:2])["class"])
+    assert got["error"].isna().tolist() == [True, True, False] and got["error"]["none"] == "none: no image"
+
 
 def test_spark_udf_takes_the_image_column_plain_and_as_a_struct_for_both_flavors(chain, spark):
     """Spark's default Arrow batches (10,000 rows) go to the model whole: only a served request is bounded."""
