@@ -106,12 +106,14 @@ def suggest(trial: optuna.Trial, space: dict[str, Dimension]) -> dict:
     return {name: dimension.suggest(trial) for name, dimension in space.items()}
 
 
-def sampler(seed: int, trials: int, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE, seeded (each worker differently, or two would propose the same trials). Random proposals for the
-    first third of the trials (at least 2), then TPE's model of what scored well."""
+def sampler(seed: int, trials: int, worker: int = 0, before: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE, seeded: each worker differently, and a process that finds `before` trials in the study (it resumes
+    or joins) differently again, or they would propose the same trials. Random proposals for the first third
+    of the trials (at least 2), then TPE's model of what scored well."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed + 1000 * worker, n_startup_trials=max(2, math.ceil(trials / 3)))
+    return optuna.samplers.TPESampler(seed=seed + 1000 * worker + 1_000_003 * before,
+                                      n_startup_trials=max(2, math.ceil(trials / 3)))
 
 
 def pruner() -> optuna.pruners.BasePruner:

@@ -58,15 +58,17 @@ def owner_alive(study_run) -> bool:
     return pid.isdigit() and psutil.pid_exists(int(pid))
 
 
-def open_study(name: str, tune_run_id: str, experiment_id: str, sampler, pruner) -> Opened:
-    """The study `name` of this experiment, made (nested under `tune_run_id`), joined or resumed."""
+def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pruner) -> Opened:
+    """The study `name` of this experiment, made (nested under `tune_run_id`), joined or resumed.
+    `sampler_for(n)` makes the sampler given the n trials the study already holds: a process that joins or
+    resumes must not replay the proposals the first one drew from the same seed."""
     import optuna
 
     client = mlflow.MlflowClient()
     store = storage(experiment_id)
     existing = store.get_study_id_by_name_if_exists(name)
     if existing is None:
-        study = optuna.create_study(study_name=name, storage=store, direction=DIRECTION, sampler=sampler,
+        study = optuna.create_study(study_name=name, storage=store, direction=DIRECTION, sampler=sampler_for(0),
                                     pruner=pruner)
         study_run_id = study._study_id
         client.set_tag(study_run_id, C.TAG_PARENT_RUN, tune_run_id)
@@ -76,7 +78,8 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler, pruner)
     if study_run.data.tags.get("optuna.study_direction", "").lower() != DIRECTION:
         raise UserError(f"study {name!r}: run {existing} of this experiment has that name but is not a study "
                         "this pipeline made; choose another study name")
-    study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
+    before = len(store.get_all_trials(existing, deepcopy=False))
+    study = optuna.load_study(study_name=name, storage=store, sampler=sampler_for(before), pruner=pruner)
     if owner_alive(study_run):
         return Opened(study, existing, "worker")
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]

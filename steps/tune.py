@@ -121,7 +121,8 @@ def check(raw: dict) -> dict:
 
 def open_study(job: dict, worker: int) -> studies.Opened:
     return studies.open_study(job["study"], job["tune_run_id"], job["experiment_id"],
-                              search.sampler(job["seed"], job["trials"], worker), search.pruner())
+                              lambda before: search.sampler(job["seed"], job["trials"], worker, before),
+                              search.pruner())
 
 
 def work(job: dict) -> None:

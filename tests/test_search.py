@@ -81,7 +81,8 @@ def job(store, archive):
 
 
 def opened(job) -> studies.Opened:
-    return studies.open_study(job["study"], job["tune_run_id"], "0", search.sampler(0, job["trials"]), search.pruner())
+    return studies.open_study(job["study"], job["tune_run_id"], "0",
+                              lambda before: search.sampler(0, job["trials"], 0, before), search.pruner())
 
 
 def test_trials_are_runs_under_the_study_with_their_curves_and_no_test_metric(job):
@@ -131,6 +132,8 @@ def test_a_search_stops_at_its_trials_and_a_stopped_one_resumes(job, monkeypatch
     search.work(again.study, {**job, "trials": 4}, worker=0)
     states = sorted(t.state.name for t in again.study.get_trials())
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # the finished trial kept, 4 trials in all
+    proposed = [t.params for t in again.study.get_trials() if t.params]
+    assert len({tuple(sorted(p.items())) for p in proposed}) == len(proposed)  # the resumer replays nothing
     study_run = MlflowClient().get_run(again.study_run_id)
     assert study_run.data.tags[studies.TAG_OWNER_RUN] == resumed_by
     # a third run while this one owns the study (alive) only joins it
