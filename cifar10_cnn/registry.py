@@ -131,16 +131,17 @@ def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
             changed.append(f"{name}@{alias} -> {want or 'removed'}")
         if head is not None and head.tags.get(TAG_REGISTRATION) != COMMITTED:
             client.set_model_version_tag(names.pytorch, str(head.version), TAG_REGISTRATION, COMMITTED)
-    committed = {str(v.version) for v in _versions(client, names.pytorch) if v.tags.get(TAG_REGISTRATION) == COMMITTED}
-    for name in (names.pytorch, names.onnx, names.int8):
-        for version in _versions(client, name):
+    versions = {name: _versions(client, name) for name in (names.pytorch, names.onnx, names.int8)}
+    committed = {str(v.version) for v in versions[names.pytorch] if v.tags.get(TAG_REGISTRATION) == COMMITTED}
+    for name, found in versions.items():
+        for version in found:
             head = str(version.version) if name == names.pytorch else version.tags.get(PYTORCH_VERSION)
             if version.aliases or TAG_ORPHAN in version.tags or head in committed \
                     or "export_run_id" not in version.tags:
                 continue
             status = _export_status(client, version)
-            if (locked and status not in ("FINISHED", None)) or (locked and not version.description) or \
-                    status in ("FAILED", "KILLED"):
+            if status in ("FAILED", "KILLED") or (locked and (status not in ("FINISHED", None)
+                                                              or not version.description)):
                 client.set_model_version_tag(name, version.version, TAG_ORPHAN, (
                     f"registration interrupted (export run {version.tags['export_run_id']} "
                     f"{(status or 'unknown').lower()}); no alias points at it"))

@@ -8,8 +8,8 @@ INPUT is a folder of image files (read recursively with Spark's binaryFile sourc
 or base64 text). OUTPUT, a new Parquet folder, gets one row per image: path, class, class_index,
 probability, probabilities and error, as `mlflow run . -e predict` writes them: an image that cannot be
 read gets its error and no class, and the others are still scored. The executors need this project
-installed (`pip install .`, for `cifar10_cnn.images`, which checks each file as the predict command
-does) and the model's requirements (mlflow, onnxruntime or torch, pillow).
+installed (`pip install .`, for `cifar10_cnn.serving`, which checks each file as the model decodes it)
+and the model's requirements (mlflow, onnxruntime or torch, pillow).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from PIL import Image
 
 from cifar10_cnn import predict, synthetic
 from tests.conftest import PROJECT_DIR
+from tests.test_pipeline_steps import png
 
 pytestmark = [
     pytest.mark.slow,
@@ -82,13 +83,6 @@ def test_spark_udf_takes_the_image_column_plain_and_as_a_struct_for_both_flavors
             got = table.select(classify(column).alias("p")).select("p.class").toPandas()["class"]
             assert list(got) == expected, (name, column)
 
-
-def png(pixels) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_a_search_runs_its_trials_as_spark_tasks(chain, spark):
