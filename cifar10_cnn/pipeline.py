@@ -8,6 +8,7 @@ same git commit (and for ingest, from the same archive bytes), is reused instead
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -74,23 +75,26 @@ class Steps:
         """(evaluate run id, export run id), the two side by side.
 
         Both start from the train run, and export waits for evaluate's results only before it registers.
-        Each step spends seconds starting (imports, the store), which two cores overlap: the pair takes
-        about the time of export alone. MLflow's active run is per thread, so the parent run is made
-        active in evaluate's thread too, and evaluate nests under it as usual.
+        Each step spends seconds starting (imports, the store), which the cores overlap. Each gets half
+        the cores (OMP_NUM_THREADS, unless the user set it): two processes that each run a thread per core
+        wait on each other's threads and together compute about half as fast as one. MLflow's active run
+        is per thread, so the parent run is made active in evaluate's thread too, and evaluate nests under
+        it as usual.
         """
         def evaluate_beside() -> str:
             mlflow.start_run(run_id=self.parent_id)
             return self.run("evaluate", {"train_run_id": train_id, "device": device, "tta": tta})
 
-        evaluate = in_thread(evaluate_beside)
-        try:
-            evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
-            export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
-                                            "model_name": model_name, "int8": int8})
-        except UserError:
-            evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
-            raise
-        return evaluate.result(), export_id
+        with threads_each(processes=2):
+            evaluate = in_thread(evaluate_beside)
+            try:
+                evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
+                export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
+                                                "model_name": model_name, "int8": int8})
+            except UserError:
+                evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
+                raise
+            return evaluate.result(), export_id
 
 
 def code_version(project_dir: Path) -> tuple[str | None, str]:
@@ -128,6 +132,21 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
                 run.data.tags.get(k) == v for k, v in tags.items()):
             return run.info.run_id
     return None
+
+
+@contextlib.contextmanager
+def threads_each(processes: int):
+    """OMP_NUM_THREADS for the step processes started inside: an equal share of this machine's cores for
+    each of `processes` at once (torch and our ONNX Runtime sessions follow it). A value the user set is kept."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // processes))
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
 
 
 def in_thread(fn: Callable, *args) -> Future:

@@ -150,7 +150,11 @@ class Classifier:
         if config["backend"] == "onnx":
             import onnxruntime
 
-            session = onnxruntime.InferenceSession(model_file, providers=["CPUExecutionProvider"])
+            options = onnxruntime.SessionOptions()
+            # The OpenMP convention that torch follows too (Spark sets it for its Python workers): N
+            # threads each for processes sharing a machine; unset, one per core.
+            options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+            session = onnxruntime.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             self._logits = lambda images: session.run(None, {name: images})[0]
         elif config["backend"] == "pytorch":

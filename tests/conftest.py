@@ -1,5 +1,6 @@
 import os
 import socket
+import sys
 from pathlib import Path
 
 import mlflow
@@ -148,11 +149,23 @@ def chain(pipeline, monkeypatch):
     mlflow.set_tracking_uri(previous)
 
 
-# The files that take longest, first: pytest-xdist (--dist loadfile) hands out files in collection order, and
-# a long file started last keeps one worker busy while the other waits (longest first balances the two).
-LONGEST_FIRST = ["test_end_to_end.py", "test_team_server.py", "test_scoring.py", "test_reliability.py",
-                 "test_interrupts.py", "test_spark.py", "test_distributed.py", "test_pipeline_steps.py",
-                 "test_bench.py", "test_training.py"]
+# The files that take longest, first: pytest-xdist (--dist loadfile, without reordering: pyproject.toml) hands
+# out files in collection order, and a long file started last keeps one worker busy while the other waits.
+LONGEST_FIRST = ["test_end_to_end.py", "test_team_server.py", "test_interrupts.py", "test_bench.py", "test_spark.py",
+                 "test_pipeline_steps.py", "test_distributed.py", "test_reliability.py", "test_scoring.py",
+                 "test_training.py", "test_export.py", "test_search.py", "test_step_errors.py", "test_registry.py"]
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker, and every process its tests start, gets its share of the cores (unless the
+    user set OMP_NUM_THREADS): two workers whose processes each run a thread per core wait on each other's
+    threads and compute about half as fast together as one. (The pipeline splits the cores between its
+    side-by-side steps the same way.)"""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

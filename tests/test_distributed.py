@@ -16,7 +16,9 @@ from steps import ingest
 from tests.conftest import PROJECT_DIR, free_port, runs_env
 from tests.test_training import data
 
-CONFIG = recipes.TrainConfig(epochs=2, batch_size=32, learning_rate=3e-3, seed=7)
+# SGD: a rounding difference in a gradient stays that small in the weights (Adam divides a near-zero gradient
+# by its own size, so rounding there can move a weight by a whole step).
+CONFIG = recipes.TrainConfig(epochs=2, batch_size=32, optimizer="sgd", learning_rate=0.02, seed=7)
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
@@ -42,7 +44,7 @@ def test_two_gloo_processes_reach_the_weights_of_one_with_the_same_global_batch(
     single = models.build(CONFIG.model, seed=CONFIG.seed)
     history = training.train(single, images, labels, CONFIG, torch.device("cpu"))
     # Each process averages its 16 images, DDP averages the two: the same mean over 32, summed in another
-    # order, so equal up to float rounding (measured: ~1e-7 after 20 Adam steps).
+    # order, so equal up to float rounding.
     assert ddp["losses"] == pytest.approx([h.loss for h in history], rel=1e-5)
     for name, weight in single.state_dict().items():
         assert torch.allclose(ddp["state_dict"][name], weight, atol=1e-5), name
