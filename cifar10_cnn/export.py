@@ -48,12 +48,14 @@ def to_onnx(model: torch.nn.Module | torch.export.ExportedProgram, example: torc
     return proto
 
 
-def session(proto: onnx.ModelProto, threads: int = 0):
+def session(proto: onnx.ModelProto, threads: int | None = None):
+    """An ONNX Runtime session with `threads` intra-op threads; by default torch's count, so that a step
+    given a share of the cores (OMP_NUM_THREADS) keeps to it in both runtimes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads  # 0: one per core
+    options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -89,7 +91,7 @@ class Parity:
         return self.argmax_mismatches == 0 and self.max_abs_diff <= self.tolerance
 
 
-def outputs(predictor: Predictor, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def outputs(predictor: Predictor, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The predictor's logits for every uint8 NHWC image, in batches: one pass, reused for every check."""
     return np.concatenate([predictor(np.ascontiguousarray(images[i : i + batch_size]))
                            for i in range(0, len(images), batch_size)])

@@ -100,7 +100,7 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 # What evaluate also scores when tta is 'auto': flip = the mirror image too; crops = mirror images of
-# the image and of its two 1-pixel diagonal shifts (evaluation.multi_crop).
+# the image and of its two 1-pixel diagonal shifts (evaluation.tta_views).
 TTA_LEVELS = ("false", "flip", "crops")
 RECIPE_TTA = {"seed": "false", "fast": "crops"}
 assert set(RECIPE_TTA) == set(RECIPES)

@@ -17,16 +17,26 @@ def run(train_run_id: str, device: str, tta: str) -> None:
     tracking.log_new_params({"model": config.model, "eval_device": target, "ingest_run_id": ingest_run_id,
                              "tta_used": tta})
 
+    # In the training's memory format; the augmented views also in its precision where the device has it
+    # natively (the plain logits stay float32: that is the model that is served and exported).
     model = models.RawPixelClassifier(net).to(target).eval()
+    if config.channels_last is True:
+        model.to(memory_format=torch.channels_last)
+    native_bf16 = config.precision == "bf16" and hardware.capabilities(target).native_bf16
+    low_precision = torch.autocast(target.type, dtype=torch.bfloat16) if native_bf16 else None
+    if tta != "false":
+        tracking.log_new_params({"tta_precision": "bf16" if native_bf16 else "fp32"})
     images = torch.from_numpy(dataset.test_images).to(target).permute(0, 2, 3, 1)  # NHWC view, as served
     labels = torch.from_numpy(dataset.test_labels)
-    logits = evaluation.predict_logits(model, images)
+    logits, augmented = evaluation.plain_and_tta_logits(model, images, tta, h_dim=1, w_dim=2,
+                                                        low_precision=low_precision,
+                                                        batch_size=evaluation.batch_size_for(target))
     result = evaluation.evaluate(logits, labels, C.NUM_CLASSES)
-    if tta != "false":  # logged beside, never instead of, the plain accuracy: the served model sees one view
-        augmented = evaluation.predict_logits(evaluation.with_tta(model, tta, h_dim=1, w_dim=2), images)
+    if augmented is not None:  # logged beside, never instead of, the plain accuracy: the served model sees one view
         scored = evaluation.evaluate(augmented, labels, C.NUM_CLASSES)
         mlflow.log_metrics({"test_accuracy_tta": scored.accuracy, "test_loss_tta": scored.loss})
-        say("evaluate", f"with test-time augmentation ({tta}): test accuracy {scored.accuracy:.2%}")
+        say("evaluate", f"with test-time augmentation ({tta}"
+                        f"{', bf16' if native_bf16 else ''}): test accuracy {scored.accuracy:.2%}")
 
     names = dataset.class_names
     mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
