@@ -68,10 +68,11 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
+    quantized = quantize(proto, dataset, images) if int8 else None
     # What follows needs the evaluate run's results (main runs it beside this step), and INT8's speed is
     # timed against float's once no other step shares the machine.
     eval_run = evaluation_of(train_run_id, evaluate_run_id)
-    int8_model = quantize(proto, float_onnx, dataset, images, float_accuracy) if int8 else None  # before registering
+    int8_model = log_int8(*quantized, float_onnx, dataset, images, float_accuracy) if int8 else None
 
     # Register every flavor with the same tags and a model card each, under the registry's lock, after
     # repairing what an interrupted registration may have left (registry.py says how a crash is survived).
@@ -121,14 +122,21 @@ def evaluation_of(train_run_id: str, evaluate_run_id: str):
     return run
 
 
-def quantize(proto, float_onnx, dataset, test_images, float_accuracy: float):
-    """INT8 model of `proto` (whose ONNX Runtime predictor is `float_onnx`), logged with its accuracy drop
-    and speed-up. Returns its ModelInfo and what was measured."""
+def quantize(proto, dataset, test_images):
+    """The INT8 model of `proto`, calibrated on training images, its ONNX Runtime predictor and its scores
+    on the test images."""
     calibration = nhwc(dataset.train_images[: C.INT8_CALIBRATION_IMAGES])
     quantized = export.quantize_int8(proto, calibration)
     int8_onnx = export.onnx_predictor(export.session(quantized))
     scored = evaluation.evaluate(torch.from_numpy(export.outputs(int8_onnx, test_images)),
                                  torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
+    return quantized, int8_onnx, scored, len(calibration)
+
+
+def log_int8(quantized, int8_onnx, scored, calibration_images: int, float_onnx, dataset, test_images,
+             float_accuracy: float):
+    """The INT8 model logged with its accuracy drop and its speed-up over float (`float_onnx`), timed now.
+    Returns its ModelInfo and what was measured."""
     drop = 100 * (float_accuracy - scored.accuracy)  # percentage points
     batch = test_images[:256]
     speedup = {n: export.median_seconds(float_onnx, batch[:n], reps) / export.median_seconds(int8_onnx, batch[:n], reps)
@@ -143,7 +151,7 @@ def quantize(proto, float_onnx, dataset, test_images, float_accuracy: float):
                    f"{speedup[1]:.2f}x at batch 1")
     measured = {"accuracy": scored.accuracy, "loss": scored.loss,
                 "per_class": dict(zip(dataset.class_names, scored.per_class_accuracy, strict=True)),
-                "quantized": {"calibration_images": len(calibration), "machine": hardware.describe(
+                "quantized": {"calibration_images": calibration_images, "machine": hardware.describe(
                     hardware.cpu_capabilities()), "float_accuracy": float_accuracy, "drop_points": drop,
                               "speedup_batch1": speedup[1], "speedup_batch256": speedup[len(batch)]}}
     return info, measured
