@@ -46,3 +46,21 @@ def test_quick_model_and_time_to_accuracy_benchmarks_run(tmp_path, capsys):
     assert "epoch  2:" in out and "final test accuracy" in out
     result = json.loads((tmp_path / "t.json").read_text())
     assert [e["epoch"] for e in result["runs"][0]["epochs"]] == [1, 2]
+
+
+def test_quick_peer_benchmark_runs_the_speed_run_beside_our_recipe(tmp_path, capsys):
+    pytest.importorskip("airbench", reason="bench.peer needs the airbench package (pip install airbench==0.1.8)")
+    import torch
+
+    from bench import peer
+
+    event = torch.cuda.Event
+    peer.main(["--quick", "--seeds", "1", "--json", str(tmp_path / "p.json")])
+    assert "airbench93 over 1 seed(s)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "p.json").read_text())
+    for side in ("peer", "ours"):
+        (run,) = result[side]
+        assert [e["epoch"] for e in run["epochs"]] == [1] and run["train_s"] > 0
+        assert 0 <= run["accuracy"] <= 1 and 0 <= run["accuracy_tta"] <= 1
+    # The device plumbing is undone: the next test's torch is the real one.
+    assert torch.cuda.Event is event and torch.nn.Linear(1, 1).half().weight.dtype == torch.float16
