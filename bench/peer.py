@@ -75,7 +75,12 @@ def on_cpu(test_loader, rows: list):
     from airbench import utils
 
     def record(variables: dict, is_final_entry: bool) -> None:
-        rows.append({k: variables.get(k) for k in ("epoch", "val_acc", "tta_val_acc", "total_time_seconds")})
+        row = {k: variables.get(k) for k in ("epoch", "val_acc", "tta_val_acc", "total_time_seconds")}
+        rows.append(row)
+        what = (f"epoch {row['epoch'] + 1:>2}" if isinstance(row["epoch"], int) else "with its TTA")
+        accuracy = row["tta_val_acc"] if row["tta_val_acc"] is not None else row["val_acc"]
+        print(f"  peer {what}: {row['total_time_seconds']:7.1f} s of its timed work, test accuracy {accuracy:.2%}",
+              flush=True)
 
     patches = [(utils, "CifarLoader", lambda *a, **k: test_loader), (utils, "print_training_details", record),
                (torch.cuda, "Event", WallClock), (torch.cuda, "synchronize", lambda *a, **k: None),
