@@ -20,7 +20,8 @@ from . import recipes
 
 # name -> (default, or None when the argument is required; help)
 OPTIONS: dict[str, tuple[str | None, str]] = {
-    "recipe": ("seed", "seed (the tutorial) or fast (AirNet, the speed-runs' recipe)"),
+    "recipe": ("seed", "seed (the tutorial), fast (AirNet, the speed-runs' recipe) or fast94 (the same, wider "
+                       "network)"),
     "device": ("auto", "auto (CUDA, then MPS, then the CPU), cpu, cuda or mps"),
     "nproc_per_node": ("1", "training processes on this machine (torchrun + DDP; gloo on CPU, NCCL on CUDA)"),
     "resume_run_id": ("none", "a killed train run to continue from its last epoch"),

@@ -22,7 +22,7 @@ from .recipes import HARDWARE, TrainConfig
 
 # Networks whose convolutions run faster in NHWC (channels-last) than in NCHW (`python -m bench.models`
 # measures it); SimpleCNN's tiny convolutions gain nothing.
-CHANNELS_LAST_FASTER = frozenset({"fastnet", "airnet", "vgg11", "vgg16", "resnet18"})
+CHANNELS_LAST_FASTER = frozenset({"fastnet", "airnet", "airnet94", "vgg11", "vgg16", "resnet18"})
 
 
 def select_device(requested: str) -> torch.device:

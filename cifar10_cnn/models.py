@@ -246,6 +246,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "fastnet": FastNet,
     "airnet": AirNet,
+    "airnet94": partial(AirNet, widths=(64, 256, 256)),  # airbench94's widths: the wider recipe's network
 }
 
 

@@ -22,7 +22,8 @@ PRECISIONS = ("fp32", "bf16")
 # A recipe's precision or channels_last may be HARDWARE: the train step decides on the device it trains on
 # (cifar10_cnn/hardware.py): bf16 only where that device computes it natively, NHWC where it is faster.
 HARDWARE = "auto"
-MODEL_NAMES = ("simple_cnn", "vgg11", "vgg16", "resnet18", "fastnet", "airnet")  # models.MODELS checks it agrees
+# models.MODELS checks that it agrees
+MODEL_NAMES = ("simple_cnn", "vgg11", "vgg16", "resnet18", "fastnet", "airnet", "airnet94")
 AUTO = "auto"  # a training parameter left at 'auto' takes the recipe's value
 
 
@@ -98,11 +99,15 @@ RECIPES: dict[str, TrainConfig] = {
         crop_padding=2, alternating_flip=True,
     ),
 }
+# The fast recipe on airbench94's wider network (widths 64/256/256, 2.2x an AirNet epoch's work), in 9
+# epochs: airbench94 trains it 9.9 epochs by SGD, airbench94_muon 8 with Muon to the same accuracy. Our 10
+# epochs beat airbench93's 11 side by side; 9 keeps that margin against airbench94's 9.9.
+RECIPES["fast94"] = replace(RECIPES["fast"], model="airnet94", epochs=9)
 
 # What evaluate also scores when tta is 'auto': flip = the mirror image too; crops = mirror images of
 # the image and of its two 1-pixel diagonal shifts (evaluation.tta_views).
 TTA_LEVELS = ("false", "flip", "crops")
-RECIPE_TTA = {"seed": "false", "fast": "crops"}
+RECIPE_TTA = {"seed": "false", "fast": "crops", "fast94": "crops"}
 assert set(RECIPE_TTA) == set(RECIPES)
 
 

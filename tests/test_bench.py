@@ -55,12 +55,13 @@ def test_quick_peer_benchmark_runs_the_speed_run_beside_our_recipe(tmp_path, cap
     from bench import peer
 
     event = torch.cuda.Event
-    peer.main(["--quick", "--seeds", "1", "--json", str(tmp_path / "p.json")])
+    peer.main(["--quick", "--seeds", "1", "--target", "1", "--json", str(tmp_path / "p.json")])
     assert "airbench93 over 1 seed(s)" in capsys.readouterr().out
     result = json.loads((tmp_path / "p.json").read_text())
     for side in ("peer", "ours"):
         (run,) = result[side]
         assert [e["epoch"] for e in run["epochs"]] == [1] and run["train_s"] > 0
         assert 0 <= run["accuracy"] <= 1 and 0 <= run["accuracy_tta"] <= 1
+        assert run["target"]["epoch"] == 1  # 1 % is reached at once: where each side first reached --target
     # The device plumbing is undone: the next test's torch is the real one.
     assert torch.cuda.Event is event and torch.nn.Linear(1, 1).half().weight.dtype == torch.float16

@@ -32,7 +32,7 @@ def test_main_parameters_resolve_the_recipe(store):
         check_main_params({**raw, "budget_minutes": "5", "epochs": "3"})
     with pytest.raises(UserError, match="tta must be one of false, flip, crops; got 'maybe'"):
         check_main_params({**raw, "tta": "maybe"})
-    with pytest.raises(UserError, match="recipe must be one of seed, fast; got 'slow'"):
+    with pytest.raises(UserError, match="recipe must be one of seed, fast, fast94; got 'slow'"):
         check_main_params({**raw, "recipe": "slow"})
     with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
         check_main_params({**raw, "epochs": "2", "warmup_epochs": "3"})

@@ -13,7 +13,8 @@ from cifar10_cnn.errors import UserError
         ("learning_rate", "0", "learning_rate must be a finite number > 0, got '0'"),
         ("learning_rate", "nan", "learning_rate must be a finite number > 0, got 'nan'"),
         ("learning_rate", "x", "learning_rate must be a finite number > 0, got 'x'"),
-        ("model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet, airnet; got 'vgg99'"),
+        ("model", "vgg99", "model must be one of simple_cnn, vgg11, vgg16, resnet18, fastnet, airnet, airnet94; "
+                           "got 'vgg99'"),
         ("optimizer", "rmsprop", "optimizer must be one of adam, sgd, muon; got 'rmsprop'"),
         ("lr_schedule", "step", "lr_schedule must be one of constant, onecycle, cosine, triangle; got 'step'"),
         ("label_smoothing", "1.5", "label_smoothing must be a number in [0, 1), got '1.5'"),
@@ -42,7 +43,7 @@ def test_every_bad_hyperparameter_is_named_by_its_declared_check(name, value, me
     "call, message",
     [
         (lambda: params.choice("device", "tpu", params.DEVICES), "device must be one of auto, cpu, cuda, mps"),
-        (lambda: params.choice("recipe", "slow", tuple(recipes.RECIPES)), "recipe must be one of seed, fast"),
+        (lambda: params.choice("recipe", "slow", tuple(recipes.RECIPES)), "recipe must be one of seed, fast, fast94"),
         (lambda: params.run_id("resume_run_id", "abc"), "resume_run_id must be an MLflow run id (32 hex characters)"),
         (lambda: params.model_name("bad name!"), "model_name must be 1-100 letters"),
         (lambda: params.expected_records("5"), "expected_records must be 'TRAIN,TEST'"),

@@ -51,7 +51,7 @@ RAW = {"recipe": "seed", "trials": "4", "budget_minutes": "5", "space": "auto", 
     ({"budget_minutes": "0"}, "budget_minutes must be a finite number > 0, got '0'"),
     ({"workers": "0"}, "workers must be a whole number >= 1, got '0'"),
     ({"validation": "55"}, "validation must be a multiple of 10"),
-    ({"recipe": "slow"}, "recipe must be one of seed, fast"),
+    ({"recipe": "slow"}, "recipe must be one of seed, fast, fast94"),
     ({"study": "it's"}, "study must be 1-100 characters without quotes"),
     ({"space": "validation=0|100"}, "space: validation cannot be searched"),
 ])
