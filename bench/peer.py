@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a hyperparameter of our recipe, as -P does (repeatable)")
     parser.add_argument("--seeds", default="42,2")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the peer as published (fp16)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the peer as published (fp16)")
     parser.add_argument("--target", type=float, default=94.0, help="test accuracy in percent whose first "
                         "epoch is reported for both")
     parser.add_argument("--quick", action="store_true")
