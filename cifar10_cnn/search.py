@@ -233,6 +233,15 @@ def wait_for_trials(study: optuna.Study, poll_s: float = 2.0) -> list:
         time.sleep(poll_s)
 
 
+def budget_note(total: int, trials: int, budget_minutes: float) -> str:
+    """Why a search ran fewer trials than asked for, or '' when it ran them all: a user who asked for 20 and
+    got 2 should learn it was the budget, not a fault."""
+    if total >= trials:
+        return ""
+    return (f" The {budget_minutes:g}-minute budget fitted {total} of the {trials} trials asked for (a trial and "
+            "the winner's training must fit what is left): give more budget_minutes for more trials.")
+
+
 def summary(trials: list) -> dict:
     states = [t.state.name for t in trials]
     return {"total": len(trials), "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),

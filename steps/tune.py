@@ -83,7 +83,8 @@ def run(**raw: str) -> None:
     text = (f"Study {p['study']!r}: {summary['total']} trials ({summary['complete']} complete, {summary['pruned']} "
             f"pruned, {summary['failed']} failed) in {(time.time() - started) / 60:.1f} min. Best: trial "
             f"{best.number}, held-out accuracy {best.value:.2%}. Against the {p['recipe']} recipe it changes "
-            f"{changed}. Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
+            f"{changed}.{search.budget_note(summary['total'], p['trials'], p['budget_minutes'])} "
+            f"Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
             + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
             + f"; registered by export run {export_id} (@{C.CANDIDATE_ALIAS}).")
     mlflow.set_tag("mlflow.note.content", text)

@@ -138,3 +138,9 @@ def test_a_search_stops_at_its_trials_and_a_stopped_one_resumes(job, monkeypatch
     assert study_run.data.tags[studies.TAG_OWNER_RUN] == resumed_by
     # a third run while this one owns the study (alive) only joins it
     assert opened({**job, "tune_run_id": MlflowClient().create_run("0").info.run_id}).role == "worker"
+
+
+def test_the_description_says_when_the_budget_cut_the_trials():
+    assert search.budget_note(4, 4, 5) == ""
+    note = search.budget_note(2, 20, 60)
+    assert "60-minute budget fitted 2 of the 20 trials" in note and "budget_minutes" in note
