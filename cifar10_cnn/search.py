@@ -146,7 +146,7 @@ def work(study: optuna.Study, job: dict, worker: int) -> None:
     dataset = tracking.dataset_of(job["ingest_run_id"], ("train",))  # the test split is never loaded here
     client = mlflow.MlflowClient()
     while fits_another(study, job):
-        trial = study.ask()
+        trial = ask(study)
         if trial.number >= job["trials"]:  # another worker took the last one meanwhile: this one never ran
             client.delete_run(trial._trial_id)
             return
@@ -164,6 +164,26 @@ def work(study: optuna.Study, job: dict, worker: int) -> None:
             raise
         else:
             study.tell(trial, value)
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """study.ask(), one process of this machine at a time. MLflow's storage numbers a trial by where its
+    timestamped `trial_id` metric falls in the study run's history, read back just after writing it, so two
+    processes asking in the same instant can both read 0 (it happened in CI with -P workers=2). Under the
+    lock, and with the clock past this trial's millisecond before letting go, each trial lands after the last.
+    """
+    import hashlib
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{study.study_name}".encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
+        trial = study.ask()
+        time.sleep(0.005)
+    return trial
 
 
 def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
