@@ -99,9 +99,9 @@ RECIPES: dict[str, TrainConfig] = {
         crop_padding=2, alternating_flip=True,
     ),
 }
-# The fast recipe on airbench94's wider network (widths 64/256/256, 2.2x an AirNet epoch's work), in 9
-# epochs: airbench94 trains it 9.9 epochs by SGD, airbench94_muon 8 with Muon to the same accuracy. Our 10
-# epochs beat airbench93's 11 side by side; 9 keeps that margin against airbench94's 9.9.
+# The fast recipe on airbench94's wider network (widths 64/256/256), in 9 epochs: airbench94 trains it 9.9
+# epochs by SGD, airbench94_muon 8 with Muon; 9 keeps the one-epoch margin that fast has over airbench93
+# (docs/models-and-recipes.md has the side-by-side figures and what an epoch costs).
 RECIPES["fast94"] = replace(RECIPES["fast"], model="airnet94", epochs=9)
 
 # What evaluate also scores when tta is 'auto': flip = the mirror image too; crops = mirror images of
