@@ -8,7 +8,6 @@ same git commit (and for ingest, from the same archive bytes), is reused instead
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 from . import constants as C
-from . import sources
+from . import cores, sources
 from .errors import UserError
 from .progress import say
 
@@ -76,8 +75,7 @@ class Steps:
 
         Both start from the train run, and export waits for evaluate's results only before it registers.
         Each step spends seconds starting (imports, the store), which the cores overlap. Each gets half
-        the cores (OMP_NUM_THREADS, unless the user set it): two processes that each run a thread per core
-        wait on each other's threads and together compute about half as fast as one. MLflow's active run
+        the cores, and evaluate all of them once export only waits (cores.py). MLflow's active run
         is per thread, so the parent run is made active in evaluate's thread too, and evaluate nests under
         it as usual.
         """
@@ -85,7 +83,7 @@ class Steps:
             mlflow.start_run(run_id=self.parent_id)
             return self.run("evaluate", {"train_run_id": train_id, "device": device, "tta": tta})
 
-        with threads_each(processes=2):
+        with cores.shared(processes=2):
             evaluate = in_thread(evaluate_beside)
             try:
                 evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
@@ -132,21 +130,6 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
                 run.data.tags.get(k) == v for k, v in tags.items()):
             return run.info.run_id
     return None
-
-
-@contextlib.contextmanager
-def threads_each(processes: int):
-    """OMP_NUM_THREADS for the step processes started inside: an equal share of this machine's cores for
-    each of `processes` at once (torch and our ONNX Runtime sessions follow it). A value the user set is kept."""
-    if "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // processes))
-    try:
-        yield
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
 
 
 def in_thread(fn: Callable, *args) -> Future:

@@ -9,6 +9,7 @@ import torch
 from cifar10_cnn import (
     cards,
     checkpoints,
+    cores,
     entry_points,
     evaluation,
     export,
@@ -69,8 +70,9 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
     quantized = quantize(proto, dataset, images) if int8 else None
-    # What follows needs the evaluate run's results (main runs it beside this step), and INT8's speed is
-    # timed against float's once no other step shares the machine.
+    # What follows needs the evaluate run's results (main runs it beside this step: it gets our cores while
+    # we wait), and INT8's speed is timed against float's once no other step shares the machine.
+    cores.hand_over()
     eval_run = evaluation_of(train_run_id, evaluate_run_id)
     int8_model = log_int8(*quantized, float_onnx, dataset, images, float_accuracy) if int8 else None
 

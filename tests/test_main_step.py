@@ -1,15 +1,18 @@
-"""main on its own: its parameters, the order and overlap of its steps, reuse and naming (no real steps run)."""
+"""main on its own: its parameters, the order and overlap of its steps, the cores they share, reuse and naming
+(no real steps run)."""
 
+import os
 import subprocess
 import threading
 from types import SimpleNamespace
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import pipeline, recipes, tracking
+from cifar10_cnn import cores, pipeline, recipes, tracking
 from cifar10_cnn.errors import UserError
 from steps import main
 from tests.conftest import fails, step_runs
@@ -71,6 +74,31 @@ def test_main_runs_evaluate_beside_export_and_names_a_failed_evaluate(store, arc
     assert export_params["evaluate_run_id"] == evaluate_id and not evaluate_had_ended
     (parent,) = step_runs("main")
     assert parent.info.status == "FAILED"
+
+
+def test_evaluate_takes_the_cores_export_hands_over(monkeypatch):
+    """Side by side each step gets an equal share of the cores; once export hands its share over, evaluate's
+    next forward pass runs on the whole machine. The hand-over file is gone afterwards, and a user's
+    OMP_NUM_THREADS is kept, with nothing handed over."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with cores.shared(processes=2):
+            signal = os.environ[cores.HANDED_OVER]
+            assert os.environ["OMP_NUM_THREADS"] == str(max(1, cores.machine() // 2))
+            torch.set_num_threads(1)  # as evaluate starts, from OMP_NUM_THREADS
+            threads_in_forward = cores.taking_handed_over(lambda images: torch.get_num_threads())
+            assert threads_in_forward(None) == 1
+            cores.hand_over()
+            assert threads_in_forward(None) == cores.machine()
+        assert not os.path.exists(signal)
+        assert cores.HANDED_OVER not in os.environ and "OMP_NUM_THREADS" not in os.environ
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        with cores.shared(processes=2):
+            assert cores.HANDED_OVER not in os.environ and os.environ["OMP_NUM_THREADS"] == "1"
+            cores.hand_over()  # a no-op: nothing to hand over to
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_export_waits_only_for_an_evaluate_run_of_its_own_pipeline(store, monkeypatch):
