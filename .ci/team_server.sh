@@ -32,4 +32,5 @@ if [ "$cmd" = start ]; then
 elif [ "$cmd" = stop ]; then
   [ -f "$dir/mlflow.pid" ] && kill "$(cat "$dir/mlflow.pid")" 2>/dev/null || true
   [ -d "$dir/pg" ] && as_postgres "$PG_BIN/pg_ctl" -D "$dir/pg" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$dir"  # the database and the server's artifacts: a test store, not kept
 fi

@@ -84,7 +84,8 @@ def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
     names = [f.path for f in client.list_artifacts(resume_run_id, C.EPOCH_CHECKPOINT_DIR)]
     for name in sorted(names, reverse=True):  # zero-padded epoch numbers: newest first
         try:
-            state = torch.load(tracking.artifact(resume_run_id, name), map_location="cpu", weights_only=True)
+            with tracking.artifact(resume_run_id, name) as path:
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("format") != FORMAT:
                 raise ValueError(f"format {state.get('format')!r}")
         except Exception as exc:  # e.g. a file cut short by the kill: fall back to the epoch before
@@ -98,10 +99,10 @@ def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
 def trained(train_run_id: str):
     """The train run, its network rebuilt from the final checkpoint (eval mode, CPU), and its config."""
     run = tracking.upstream(train_run_id, "train")
-    path = tracking.artifact(train_run_id, C.CHECKPOINT_PATH)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint of train run {train_run_id} is unreadable ({path}): {exc}") from None
+    with tracking.artifact(train_run_id, C.CHECKPOINT_PATH) as path:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"checkpoint of train run {train_run_id} is unreadable ({path}): {exc}") from None
     net, config = rebuild(ckpt)
     return run, net, config

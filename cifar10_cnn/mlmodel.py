@@ -16,7 +16,7 @@ import mlflow
 from mlflow.models import Model, ModelSignature
 
 from . import constants as C
-from . import images, serving
+from . import images, serving, tracking
 from .logs import quiet
 
 LOADER_MODULE = "cifar10_serving"  # the name serving.py has inside a logged model's code/ folder
@@ -97,7 +97,8 @@ def pytorch_program(info):
     import torch
 
     location = mlflow.get_logged_model(info.model_id).artifact_location.rstrip("/")
-    return torch.export.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{PYTORCH_PROGRAM}"))
+    with tempfile.TemporaryDirectory(prefix="cifar10-download-") as folder:
+        return torch.export.load(tracking.download(f"{location}/{PYTORCH_PROGRAM}", folder))
 
 
 def log_onnx(proto, name: str, example, logits, class_names):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,10 @@ def load_model(model_uri: str):
     if not uri:
         raise UserError("model_uri is empty; give e.g. models:/cifar10-cnn-onnx@champion or runs:/<id>/onnx_model")
     try:
-        return mlflow.pyfunc.load_model(uri)
+        # Into a folder deleted once loaded (the model keeps nothing open there): MLflow's own download
+        # from a server goes to a new temporary folder every time and stays.
+        with tempfile.TemporaryDirectory(prefix="cifar10-download-") as folder:
+            return mlflow.pyfunc.load_model(uri, dst_path=folder)
     except Exception as exc:  # MLflow raises many kinds: missing model, alias, run, artifact, flavor
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load model {uri!r}: {first}") from None

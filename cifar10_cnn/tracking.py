@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -197,12 +198,23 @@ def _run(run_id: str, step: str) -> Run:
         raise UserError(f"{step}_run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
 
 
-def artifact(run_id: str, path: str) -> Path:
-    """Local path of a run's artifact (no copy for a local store; a download from a server)."""
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
-    except (MlflowException, OSError) as exc:
-        raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None
+@contextmanager
+def artifact(run_id: str, path: str):
+    """The local path of a run's artifact while the block runs (see `download`)."""
+    with tempfile.TemporaryDirectory(prefix="cifar10-download-") as folder:
+        try:
+            local = download(f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}", folder)
+        except (MlflowException, OSError) as exc:
+            raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None
+        yield local
+
+
+def download(artifact_uri: str, folder: str) -> Path:
+    """The artifact at `artifact_uri` as a local path: the file itself in a local store (no copy), else a
+    download into `folder`, which the caller deletes. (Left to itself, MLflow downloads into a new temporary
+    folder each time and never deletes it: on a team server every step left its copy of the dataset.)"""
+    local = urllib.parse.urlparse(artifact_uri).scheme in ("", "file")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=None if local else folder))
 
 
 @contextmanager
@@ -232,7 +244,8 @@ def dataset_of(ingest_run_id: str, splits: tuple[str, ...]):
     from . import data
 
     upstream(ingest_run_id, "ingest")
-    return data.load(artifact(ingest_run_id, C.DATASET_DIR), splits)
+    with artifact(ingest_run_id, C.DATASET_DIR) as folder:
+        return data.load(folder, splits)
 
 
 def tag_experiment_kind(experiment_id: str) -> None:

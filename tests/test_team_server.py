@@ -31,7 +31,9 @@ def test_two_tune_processes_on_one_study_then_the_winner_registered_and_promoted
     monkeypatch.setenv("MLFLOW_TRACKING_URI", SERVER)
     mlflow.set_tracking_uri(SERVER)
     experiment, study, name = (f"{kind}-{os.getpid()}-{tmp_path.name}" for kind in ("tune", "study", "tuned"))
-    env = {**runs_env(), "MLFLOW_TRACKING_URI": SERVER, "CIFAR10_DATA_DIR": str(tmp_path / "data")}
+    temp = tmp_path / "tmp"  # the processes' temporary folder: what they download from the server is deleted
+    temp.mkdir()
+    env = {**runs_env(), "MLFLOW_TRACKING_URI": SERVER, "CIFAR10_DATA_DIR": str(tmp_path / "data"), "TMPDIR": str(temp)}
     args = [MLFLOW, "run", str(PROJECT_DIR), "-e", "tune", "--env-manager", "local", "--experiment-name", experiment,
             *(a for p in (f"data={archive}", "expected_records=any", "recipe=seed", "trials=4", "budget_minutes=8",
                           "space=learning_rate=0.0005:0.002:log,epochs=4:5",
@@ -49,6 +51,8 @@ def test_two_tune_processes_on_one_study_then_the_winner_registered_and_promoted
     for process, log in zip((owner, worker), logs, strict=True):
         assert process.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert "(worker)" in logs[1].read_text() and "(owner)" in logs[0].read_text()
+    left = [p.relative_to(temp) for p in temp.rglob("*") if p.suffix in (".npy", ".pt", ".pt2", ".onnx")]
+    assert not left, f"downloads left in the temporary folder: {left[:5]}"
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
     (study_run,) = [r for r in runs if r.info.run_name == study]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
