@@ -75,9 +75,9 @@ class Steps:
 
         Both start from the train run, and export waits for evaluate's results only before it registers.
         Each step spends seconds starting (imports, the store), which the cores overlap. Each gets half
-        the cores, and evaluate all of them once export only waits (cores.py). MLflow's active run
-        is per thread, so the parent run is made active in evaluate's thread too, and evaluate nests under
-        it as usual.
+        the cores, and takes them all once the other has nothing left to compute (cores.py). MLflow's
+        active run is per thread, so the parent run is made active in evaluate's thread too, and evaluate
+        nests under it as usual.
         """
         def evaluate_beside() -> str:
             mlflow.start_run(run_id=self.parent_id)
@@ -85,10 +85,14 @@ class Steps:
 
         with cores.shared(processes=2):
             evaluate = in_thread(evaluate_beside)
+            evaluate.add_done_callback(lambda _: cores.free("evaluate"))  # reused, done first, or failed
             try:
                 evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
-                export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
-                                                "model_name": model_name, "int8": int8})
+                try:
+                    export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
+                                                    "model_name": model_name, "int8": int8})
+                finally:
+                    cores.free("export")  # it failed, or was reused: evaluate may still run
             except UserError:
                 evaluate.result()  # when evaluate failed, that is the cause to report, not export's wait for it
                 raise

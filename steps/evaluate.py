@@ -28,7 +28,7 @@ def run(train_run_id: str, device: str, tta: str) -> None:
         tracking.log_new_params({"tta_precision": "bf16" if native_bf16 else "fp32"})
     images = torch.from_numpy(dataset.test_images).to(target).permute(0, 2, 3, 1)  # NHWC view, as served
     labels = torch.from_numpy(dataset.test_labels)
-    logits, augmented = evaluation.plain_and_tta_logits(cores.taking_handed_over(model), images, tta,
+    logits, augmented = evaluation.plain_and_tta_logits(cores.taking_freed("evaluate", model), images, tta,
                                                         h_dim=1, w_dim=2, low_precision=low_precision,
                                                         batch_size=evaluation.batch_size_for(target))
     result = evaluation.evaluate(logits, labels, C.NUM_CLASSES)

@@ -38,6 +38,7 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     dataset = tracking.dataset_of(ingest_run_id, ("train", "test") if int8 else ("test",))
     images = nhwc(dataset.test_images)
     model = models.RawPixelClassifier(net).eval()
+    share = torch.get_num_threads()  # this step's share of the cores (main runs evaluate beside it)
 
     # One torch.export trace serves both flavors: MLflow traces the network into the PyTorch flavor
     # (a pt2 program), and the ONNX model is converted from that program as loaded back from its file.
@@ -45,11 +46,14 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     program = mlmodel.pytorch_program(pytorch_info)
     proto = export.to_onnx(program, torch.from_numpy(images[:8]))
     # Both, as logged, must compute what the checkpoint does, on every test image (one pass of each, kept).
-    reference = export.outputs(export.torch_predictor(model), images)
-    float_onnx = export.onnx_predictor(export.session(proto))
+    # The torch passes take the whole machine once evaluate is done; ONNX Runtime keeps this step's share,
+    # so that float and INT8 are timed on as many threads.
+    reference = export.outputs(cores.taking_freed("export", export.torch_predictor(model)), images)
+    float_onnx = export.onnx_predictor(export.session(proto, threads=share))
     onnx_logits = export.outputs(float_onnx, images)
     onnx_parity = export.parity(reference, onnx_logits)
-    pytorch_parity = export.parity(reference, export.outputs(export.torch_predictor(program.module()), images))
+    pytorch_parity = export.parity(reference, export.outputs(
+        cores.taking_freed("export", export.torch_predictor(program.module())), images))
     mlflow.log_metrics({"onnx_max_abs_diff": onnx_parity.max_abs_diff, "onnx_max_abs_logit": onnx_parity.max_abs_logit,
                         "onnx_argmax_mismatches": onnx_parity.argmax_mismatches,
                         "pytorch_flavor_max_abs_diff": pytorch_parity.max_abs_diff,
@@ -69,10 +73,10 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
-    quantized = quantize(proto, dataset, images) if int8 else None
+    quantized = quantize(proto, dataset, images, share) if int8 else None
     # What follows needs the evaluate run's results (main runs it beside this step: it gets our cores while
     # we wait), and INT8's speed is timed against float's once no other step shares the machine.
-    cores.hand_over()
+    cores.free("export")
     eval_run = evaluation_of(train_run_id, evaluate_run_id)
     int8_model = log_int8(*quantized, float_onnx, dataset, images, float_accuracy) if int8 else None
 
@@ -124,12 +128,12 @@ def evaluation_of(train_run_id: str, evaluate_run_id: str):
     return run
 
 
-def quantize(proto, dataset, test_images):
-    """The INT8 model of `proto`, calibrated on training images, its ONNX Runtime predictor and its scores
-    on the test images."""
+def quantize(proto, dataset, test_images, threads: int):
+    """The INT8 model of `proto`, calibrated on training images, its ONNX Runtime predictor (`threads`) and
+    its scores on the test images."""
     calibration = nhwc(dataset.train_images[: C.INT8_CALIBRATION_IMAGES])
     quantized = export.quantize_int8(proto, calibration)
-    int8_onnx = export.onnx_predictor(export.session(quantized))
+    int8_onnx = export.onnx_predictor(export.session(quantized, threads=threads))
     scored = evaluation.evaluate(torch.from_numpy(export.outputs(int8_onnx, test_images)),
                                  torch.from_numpy(dataset.test_labels), C.NUM_CLASSES)
     return quantized, int8_onnx, scored, len(calibration)
