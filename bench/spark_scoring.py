@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             (folder / f"{i:05d}.png").write_bytes(buffer.getvalue())
             encoded.append(base64.b64encode(buffer.getvalue()).decode())
 
-        model = mlflow.pyfunc.load_model(args.model)
+        model = predict.load_model(args.model)  # the predict step's way, its download deleted once loaded
         start = time.perf_counter()
         results = predict.classify(sorted(folder.iterdir()), model.predict)
         seconds = time.perf_counter() - start

@@ -72,7 +72,8 @@ def test_two_tune_processes_on_one_study_then_the_winner_registered_and_promoted
         (version,) = client.search_model_versions(f"name = '{registered}'")
         assert version.tags["study"] == study and version.tags["train_run_id"] == steps["train"].info.run_id
         assert client.get_model_version_by_alias(registered, "candidate").version == version.version
-    table = mlflow.pyfunc.load_model(f"models:/{name}-onnx@candidate").predict(np.zeros((2, 32, 32, 3), np.uint8))
+    table = mlflow.pyfunc.load_model(f"models:/{name}-onnx@candidate", dst_path=str(tmp_path)).predict(
+        np.zeros((2, 32, 32, 3), np.uint8))
     assert len(table) == 2
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
