@@ -228,6 +228,11 @@ def save(dataset: Cifar10, directory: Path, digest: str | None = None) -> str:
     return digest
 
 
+def files(splits: tuple[str, ...]) -> tuple[str, ...]:
+    """The files of what `save` wrote that `load` reads for `splits`."""
+    return ("meta.json", *(f"{name}.npy" for name in _ARRAYS if name.split("_")[0] in splits))
+
+
 def load(directory: Path, splits: tuple[str, ...] = ("train", "test")) -> Cifar10:
     """Load what `save` wrote, refusing any array whose sha256 differs from meta.json.
 

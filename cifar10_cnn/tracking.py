@@ -199,11 +199,13 @@ def _run(run_id: str, step: str) -> Run:
 
 
 @contextmanager
-def artifact(run_id: str, path: str):
-    """The local path of a run's artifact while the block runs (see `download`)."""
+def artifact(run_id: str, path: str, files: tuple[str, ...] = ()):
+    """The local path of a run's artifact while the block runs (see `download`): a file, or a folder; with
+    `files`, a folder holding only those files of it."""
     with tempfile.TemporaryDirectory(prefix="cifar10-download-") as folder:
         try:
-            local = download(f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}", folder)
+            uri = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+            local = [download(f"{uri}/{name}", folder) for name in files][0].parent if files else download(uri, folder)
         except (MlflowException, OSError) as exc:
             raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None
         yield local
@@ -244,7 +246,7 @@ def dataset_of(ingest_run_id: str, splits: tuple[str, ...]):
     from . import data
 
     upstream(ingest_run_id, "ingest")
-    with artifact(ingest_run_id, C.DATASET_DIR) as folder:
+    with artifact(ingest_run_id, C.DATASET_DIR, data.files(splits)) as folder:  # from a server: only these
         return data.load(folder, splits)
 
 
