@@ -3,6 +3,7 @@
     python -m bench.bookkeeping --data PATH                      # this checkout, the seed recipe
     python -m bench.bookkeeping --data PATH --project ../old     # another checkout, e.g. an older commit
     python -m bench.bookkeeping --data PATH --runs 3             # median of 3 whole runs
+    python -m bench.bookkeeping --data PATH -P recipe=fast -P epochs=1   # the fast recipe's time after training
 
 Each run is `mlflow run PROJECT --env-manager local` in a fresh tracking store, timed from outside;
 the steps' times come from the runs' own start and end times, the epochs from the train run's
@@ -31,7 +32,7 @@ from cifar10_cnn.hardware import machine_line
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 ROWS = ("whole run, wall", "training epochs", "everything but the epochs", "ingest", "train outside its epochs",
-        "evaluate", "export", "`mlflow run` CLI and main")
+        "evaluate", "export", "end of training -> end of export", "`mlflow run` CLI and main")
 
 
 def timed_mlflow_run(project: Path, workdir: Path, params: list[str]) -> tuple[float, dict]:
@@ -75,8 +76,10 @@ def one_run(project: Path, data: str, workdir: Path, extra: list[str]) -> dict:
     step = {name: seconds(r) for name, r in runs.items()}
     epochs = epoch_seconds(runs["train"])
     steps = covered([runs[s] for s in ("ingest", "train", "evaluate", "export")])
+    last = max(runs["evaluate"].info.end_time, runs["export"].info.end_time)
+    after_training = (last - runs["train"].info.end_time) / 1000
     return dict(zip(ROWS, (wall, epochs, wall - epochs, step["ingest"], step["train"] - epochs,
-                           step["evaluate"], step["export"], wall - steps), strict=True))
+                           step["evaluate"], step["export"], after_training, wall - steps), strict=True))
 
 
 def main(argv=None) -> list[dict]:
