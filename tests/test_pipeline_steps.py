@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import hardware, recipes, synthetic
+from cifar10_cnn import cores, hardware, recipes, synthetic, tracking
 from steps import evaluate, export, train
 from tests.conftest import step_runs
 
@@ -48,8 +48,8 @@ def test_train_logs_curves_and_checkpoint(chain):
     assert run.data.metrics["peak_rss_mib"] > 50
     assert "training_curves.png" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
-    ckpt = torch.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=C.CHECKPOINT_PATH),
-                      weights_only=True)
+    with tracking.artifact(run.info.run_id, C.CHECKPOINT_PATH) as path:
+        ckpt = torch.load(path, weights_only=True)
     assert ckpt["model"] == "simple_cnn" and ckpt["config"]["epochs"] == 2
 
 
@@ -152,9 +152,11 @@ def test_every_registered_version_describes_its_own_model(chain):
     assert "measured with ONNX Runtime on cpu " in card  # the CPU it was measured on
 
 
-def test_the_fast_recipe_goes_through_train_evaluate_export(chain):
+def test_the_fast_recipe_goes_through_train_evaluate_export(chain, tmp_path, monkeypatch):
     """The fast recipe's network, optimizer and hardware decisions through the same steps as the default's
-    (every other network's forward pass, parameter count and ONNX parity: test_models.py, test_export.py)."""
+    (every other network's forward pass, parameter count and ONNX parity: test_models.py, test_export.py).
+    Evaluate and export run as beside each other in main, each on one thread, and each takes the whole
+    machine once the other has freed its share (cores.py)."""
     model, count = "airnet", 569_656
     train.main(["--ingest-run-id", chain["ingest"], "--recipe", "fast", "--epochs", "1", "--batch-size", "50",
                 "--device", "cpu"])
@@ -169,12 +171,25 @@ def test_the_fast_recipe_goes_through_train_evaluate_export(chain):
     assert train_run.data.params["channels_last_used"] == str(decided.channels_last)
     assert train_run.data.tags[C.TAG_HARDWARE] == hardware.describe(hardware.capabilities(torch.device("cpu")))
     assert train_run.data.tags[C.TAG_DECISION + "precision"] == why["precision"]
-    evaluate.main(["--train-run-id", train_run.info.run_id, "--device", "cpu"])  # tta auto: the recipe's crops
-    eval_run = step_runs("evaluate")[-1]
-    assert {"test_accuracy", "test_accuracy_tta"} <= set(eval_run.data.metrics)
-    name = f"each-{model}"
-    export.main(["--train-run-id", train_run.info.run_id, "--evaluate-run-id", eval_run.info.run_id,
-                 "--model-name", name])
+    freed, threads = tmp_path / "cores", torch.get_num_threads()
+    freed.mkdir()
+    monkeypatch.setenv(cores.FOLDER, str(freed))
+    try:
+        torch.set_num_threads(1)
+        (freed / "export").touch()
+        evaluate.main(["--train-run-id", train_run.info.run_id, "--device", "cpu"])  # tta auto: the recipe's crops
+        assert torch.get_num_threads() == cores.machine()
+        eval_run = step_runs("evaluate")[-1]
+        assert {"test_accuracy", "test_accuracy_tta"} <= set(eval_run.data.metrics)
+        name = f"each-{model}"
+        torch.set_num_threads(1)
+        (freed / "export").unlink()
+        (freed / "evaluate").touch()
+        export.main(["--train-run-id", train_run.info.run_id, "--evaluate-run-id", eval_run.info.run_id,
+                     "--model-name", name])
+        assert torch.get_num_threads() == cores.machine()
+    finally:
+        torch.set_num_threads(threads)
     export_run = step_runs("export")[-1]
     assert export_run.info.status == "FINISHED"
     assert export_run.data.metrics["onnx_argmax_mismatches"] == 0

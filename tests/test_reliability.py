@@ -14,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
+from cifar10_cnn import tracking
 from steps import ingest, train
 from tests.conftest import PROJECT_DIR, isolate, runs_env
 
@@ -34,8 +35,8 @@ def train_runs() -> list:  # oldest first
 
 
 def weights(run_id: str) -> dict:
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=C.CHECKPOINT_PATH)
-    return torch.load(path, weights_only=True)["state_dict"]
+    with tracking.artifact(run_id, C.CHECKPOINT_PATH) as path:
+        return torch.load(path, weights_only=True)["state_dict"]
 
 
 def losses(run_id: str) -> list[float]:
