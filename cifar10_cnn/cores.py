@@ -53,10 +53,10 @@ def free(step: str) -> None:
 def take_freed(step: str) -> None:
     """`step` takes the whole machine (torch's threads, and so ONNX Runtime sessions made after) once the
     other step has freed its share. For the calling thread: torch's thread count is per thread."""
-    folder = os.environ.get(FOLDER)
-    if folder and torch_threads() < machine() and any(name != step for name in _freed(folder)):
-        import torch
+    import torch
 
+    folder = os.environ.get(FOLDER)
+    if folder and torch.get_num_threads() < machine() and any(name != step for name in _freed(folder)):
         torch.set_num_threads(machine())
 
 
@@ -77,9 +77,3 @@ def _freed(folder: str) -> list[str]:
         return os.listdir(folder)
     except FileNotFoundError:  # main has ended the sharing
         return []
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

@@ -205,7 +205,10 @@ def artifact(run_id: str, path: str, files: tuple[str, ...] = ()):
     with tempfile.TemporaryDirectory(prefix="cifar10-download-") as folder:
         try:
             uri = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
-            local = [download(f"{uri}/{name}", folder) for name in files][0].parent if files else download(uri, folder)
+            if files:  # each file lands in `folder` (from a server) or is the store's own
+                local = [download(f"{uri}/{name}", folder) for name in files][0].parent
+            else:
+                local = download(uri, folder)
         except (MlflowException, OSError) as exc:
             raise UserError(f"run {run_id} has no readable artifact {path!r}: {exc}") from None
         yield local

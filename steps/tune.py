@@ -7,8 +7,6 @@ machines on the same tracking server join it with the same command. Trials never
 test accuracy is measured once, on the final model.
 """
 
-import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -19,7 +17,7 @@ import mlflow
 from mlflow.entities import RunTag
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import entry_points, params, pipeline, plots, recipes, search, sources, studies, tracking
+from cifar10_cnn import cores, entry_points, params, pipeline, plots, recipes, search, sources, studies, tracking
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -130,7 +128,7 @@ def work(job: dict) -> None:
     """A worker process of `-P workers=K`: the same study, trials until the study has enough."""
     import torch
 
-    torch.set_num_threads(max(1, math.floor((os.cpu_count() or 1) / job["workers"])))
+    torch.set_num_threads(max(1, cores.machine() // job["workers"]))
     search.work(open_study(job, job["worker"]).study, job, job["worker"])
 
 
