@@ -39,6 +39,7 @@ DATASET_DIR = "dataset"  # ingest run: dataset/{train,test}_{images,labels}.npy 
 CHECKPOINT_PATH = "checkpoint/model.pt"  # train run: self-describing checkpoint of the final weights
 EPOCH_CHECKPOINT_DIR = "checkpoints"  # train run: one resumable checkpoint per epoch (weights, optimizer, RNG)
 EPOCH_CHECKPOINT = "epoch_{epoch:04d}.pt"
+TEST_LOGITS_PATH = "test_logits.npy"  # evaluate run: the checkpoint's float32 logits of every test image, one view
 TAG_STEP = "cifar10.step"  # every step run: which entry point made it; checked when its id is handed on
 TAG_STEP_RUN = "cifar10.{step}_run_id"  # main run: the run of each step (made or reused)
 TAG_SHA256 = "cifar10.sha256"  # ingest and train runs: sha256 of the dataset's arrays

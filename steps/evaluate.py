@@ -1,6 +1,10 @@
 """evaluate: test-set loss, accuracy, per-class accuracy and a confusion matrix for a train run."""
 
+import tempfile
+from pathlib import Path
+
 import mlflow
+import numpy as np
 import torch
 
 from cifar10_cnn import checkpoints, cores, entry_points, evaluation, hardware, models, params, plots, recipes, tracking
@@ -43,6 +47,9 @@ def run(train_run_id: str, device: str, tta: str) -> None:
                         **{f"test_accuracy_{n}": a for n, a in zip(names, result.per_class_accuracy, strict=True)}})
     mlflow.log_dict({"classes": list(names), "per_class_accuracy": result.per_class_accuracy,
                      "confusion": result.confusion.tolist()}, "evaluation.json")
+    with tempfile.TemporaryDirectory() as tmp:  # export checks its ONNX and PyTorch models against these
+        np.save(Path(tmp) / C.TEST_LOGITS_PATH, logits.cpu().numpy(), allow_pickle=False)
+        mlflow.log_artifact(str(Path(tmp) / C.TEST_LOGITS_PATH))
     mlflow.log_figure(plots.confusion_matrix(result.confusion, names), "confusion_matrix.png")
     mlflow.log_figure(plots.per_class_accuracy(names, result.per_class_accuracy, result.accuracy),
                       "per_class_accuracy.png")

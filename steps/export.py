@@ -4,6 +4,7 @@ them (alias candidate), and an INT8 ONNX model when it loses at most a point."""
 import contextlib
 
 import mlflow
+import numpy as np
 import torch
 
 from cifar10_cnn import (
@@ -45,15 +46,20 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     pytorch_info = mlmodel.log_pytorch(model, images[:4], dataset.class_names)
     program = mlmodel.pytorch_program(pytorch_info)
     proto = export.to_onnx(program, torch.from_numpy(images[:8]))
-    # Both, as logged, must compute what the checkpoint does, on every test image (one pass of each, kept).
-    # The torch passes take the whole machine once evaluate is done; ONNX Runtime keeps this step's share,
-    # so that float and INT8 are timed on as many threads.
-    reference = export.outputs(cores.taking_freed("export", export.torch_predictor(model)), images)
+    # Both, as logged, must compute what the checkpoint does, on every test image: one pass of each, kept for
+    # every check. The torch pass takes the whole machine once evaluate is done; ONNX Runtime keeps this
+    # step's share, so that float and INT8 are timed on as many threads.
     float_onnx = export.onnx_predictor(export.session(proto, threads=share))
     onnx_logits = export.outputs(float_onnx, images)
-    onnx_parity = export.parity(reference, onnx_logits)
-    pytorch_parity = export.parity(reference, export.outputs(
-        cores.taking_freed("export", export.torch_predictor(program.module())), images))
+    pytorch_logits = export.outputs(cores.taking_freed("export", export.torch_predictor(program.module())), images)
+    float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
+    quantized = quantize(proto, dataset, images, share) if int8 else None
+    # What follows needs the evaluate run's results (main runs it beside this step: it gets our cores while
+    # we wait), and INT8's speed is timed against float's once no other step shares the machine.
+    cores.free("export")
+    eval_run = evaluation_of(train_run_id, evaluate_run_id)
+    reference = checkpoint_logits(eval_run, model, images)
+    onnx_parity, pytorch_parity = export.parity(reference, onnx_logits), export.parity(reference, pytorch_logits)
     mlflow.log_metrics({"onnx_max_abs_diff": onnx_parity.max_abs_diff, "onnx_max_abs_logit": onnx_parity.max_abs_logit,
                         "onnx_argmax_mismatches": onnx_parity.argmax_mismatches,
                         "pytorch_flavor_max_abs_diff": pytorch_parity.max_abs_diff,
@@ -72,12 +78,6 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     onnx_info = mlmodel.log_onnx(proto, C.ONNX_MODEL_NAME, images[:4], onnx_logits[:4], dataset.class_names)
     onnx_path = local_model_file(onnx_info.model_id, "model.onnx")
     mlflow.set_tags({C.TAG_ONNX_MODEL_URI: onnx_info.model_uri, C.TAG_ONNX_PATH: onnx_path})
-    float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
-    quantized = quantize(proto, dataset, images, share) if int8 else None
-    # What follows needs the evaluate run's results (main runs it beside this step: it gets our cores while
-    # we wait), and INT8's speed is timed against float's once no other step shares the machine.
-    cores.free("export")
-    eval_run = evaluation_of(train_run_id, evaluate_run_id)
     int8_model = log_int8(*quantized, float_onnx, dataset, images, float_accuracy) if int8 else None
 
     # Register every flavor with the same tags and a model card each, under the registry's lock, after
@@ -126,6 +126,22 @@ def evaluation_of(train_run_id: str, evaluate_run_id: str):
         raise UserError(f"evaluate run {evaluate_run_id} evaluated train run "
                         f"{run.data.params.get('train_run_id')}, not {train_run_id}")
     return run
+
+
+def checkpoint_logits(eval_run, model, images: np.ndarray) -> np.ndarray:
+    """The checkpoint's float32 logits of the test images: the evaluate run's, where it computed them on the
+    CPU (the same checkpoint and images; saves a pass), else computed now by `model`."""
+    run_id = eval_run.info.run_id
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    if eval_run.data.params.get("eval_device") != "cpu" or C.TEST_LOGITS_PATH not in logged:
+        # a GPU's kernels (TF32 convolutions) are not the CPU's, and older evaluate runs logged no logits
+        return export.outputs(cores.taking_freed("export", export.torch_predictor(model)), images)
+    with tracking.artifact(run_id, C.TEST_LOGITS_PATH) as path:
+        logits = np.load(path, allow_pickle=False)
+    if logits.shape != (len(images), C.NUM_CLASSES) or logits.dtype != np.float32:
+        raise CheckFailed(f"evaluate run {run_id}'s {C.TEST_LOGITS_PATH} holds {logits.dtype} {logits.shape}, "
+                          f"not float32 ({len(images)}, {C.NUM_CLASSES}); nothing was registered")
+    return logits
 
 
 def quantize(proto, dataset, test_images, threads: int):

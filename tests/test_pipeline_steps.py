@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import cores, hardware, recipes, synthetic, tracking
+from cifar10_cnn import checkpoints, cores, hardware, models, recipes, synthetic, tracking
 from steps import evaluate, export, train
 from tests.conftest import step_runs
 
@@ -62,7 +62,37 @@ def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
     ev = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/evaluation.json")
     assert np.array(ev["confusion"]).sum() == 100
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "per_class_accuracy.png", "confident_mistakes.png"} <= names
+    assert {"confusion_matrix.png", "per_class_accuracy.png", "confident_mistakes.png", C.TEST_LOGITS_PATH} <= names
+
+
+def test_export_checks_its_models_against_the_logits_evaluate_logged(chain, tmp_path):
+    """Evaluate logs the checkpoint's logits of every test image, and export checks both its models against
+    them instead of computing them again; unless evaluate ran on a GPU (other kernels) or logged none."""
+    from types import SimpleNamespace
+
+    from cifar10_cnn.data import nhwc
+    from cifar10_cnn.errors import CheckFailed
+    from cifar10_cnn.export import outputs, parity, torch_predictor
+
+    eval_run = mlflow.get_run(chain["evaluate"])
+    model = models.RawPixelClassifier(checkpoints.trained(chain["train"])[1]).eval()
+    images = nhwc(tracking.dataset_of(chain["ingest"], ("test",)).test_images)
+    own = outputs(torch_predictor(model), images)
+    reference = export.checkpoint_logits(eval_run, model, images)
+    with tracking.artifact(chain["evaluate"], C.TEST_LOGITS_PATH) as path:
+        assert np.array_equal(reference, np.load(path)) and reference.shape == (100, 10)
+    assert parity(own, reference).ok and parity(own, reference).max_abs_diff < 1e-5
+    on_a_gpu = SimpleNamespace(info=eval_run.info, data=SimpleNamespace(params={"eval_device": "cuda:0"}))
+    assert np.array_equal(export.checkpoint_logits(on_a_gpu, model, images), own)
+    with mlflow.start_run() as older:  # an evaluate run from before evaluate logged its logits
+        mlflow.log_param("eval_device", "cpu")
+    assert np.array_equal(export.checkpoint_logits(mlflow.get_run(older.info.run_id), model, images), own)
+    np.save(tmp_path / C.TEST_LOGITS_PATH, reference[:7])
+    with mlflow.start_run() as run:  # an evaluate run whose logits are not of these images
+        mlflow.log_param("eval_device", "cpu")
+        mlflow.log_artifact(str(tmp_path / C.TEST_LOGITS_PATH))
+    with pytest.raises(CheckFailed, match=r"holds float32 \(7, 10\), not float32 \(100, 10\)"):
+        export.checkpoint_logits(mlflow.get_run(run.info.run_id), model, images)
 
 
 def test_export_logs_the_pytorch_flavor_as_a_program_with_our_loader(chain):
