@@ -78,8 +78,18 @@ def one_run(project: Path, data: str, workdir: Path, extra: list[str]) -> dict:
     steps = covered([runs[s] for s in ("ingest", "train", "evaluate", "export")])
     last = max(runs["evaluate"].info.end_time, runs["export"].info.end_time)
     after_training = (last - runs["train"].info.end_time) / 1000
+    print(scores(runs["evaluate"], runs["export"]), flush=True)
     return dict(zip(ROWS, (wall, epochs, wall - epochs, step["ingest"], step["train"] - epochs,
                            step["evaluate"], step["export"], after_training, wall - steps), strict=True))
+
+
+def scores(evaluate_run, export_run) -> str:
+    """What the run measured, so that two checkouts are seen to compute the same results in their times."""
+    m = {**evaluate_run.data.metrics, **export_run.data.metrics}
+    shown = (("test accuracy", "test_accuracy"), ("with TTA", "test_accuracy_tta"), ("ONNX", "onnx_test_accuracy"),
+             ("INT8", "int8_test_accuracy"))
+    return "scores: " + ", ".join(f"{label} {m[key]:.2%}" for label, key in shown if key in m) + (
+        f"; ONNX max |logit diff| {m['onnx_max_abs_diff']:.1e}" if "onnx_max_abs_diff" in m else "")
 
 
 def main(argv=None) -> list[dict]:
