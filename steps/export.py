@@ -55,7 +55,9 @@ def run(train_run_id: str, evaluate_run_id: str, model_name: str, int8: str = "t
     float_accuracy = export.accuracy(onnx_logits, dataset.test_labels)
     quantized = quantize(proto, dataset, images, share) if int8 else None
     # What follows needs the evaluate run's results (main runs it beside this step: it gets our cores while
-    # we wait), and INT8's speed is timed against float's once no other step shares the machine.
+    # we wait): the checkpoint's logits, which the parity checks compare with (so a failed check is only
+    # known after quantizing, and still before anything is registered), and the accuracy for the cards.
+    # INT8's speed is timed against float's once no other step shares the machine.
     cores.free("export")
     eval_run = evaluation_of(train_run_id, evaluate_run_id)
     reference = checkpoint_logits(eval_run, model, images)
@@ -132,12 +134,16 @@ def checkpoint_logits(eval_run, model, images: np.ndarray) -> np.ndarray:
     """The checkpoint's float32 logits of the test images: the evaluate run's, where it computed them on the
     CPU (the same checkpoint and images; saves a pass), else computed now by `model`."""
     run_id = eval_run.info.run_id
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-    if eval_run.data.params.get("eval_device") != "cpu" or C.TEST_LOGITS_PATH not in logged:
+    if eval_run.data.params.get("eval_device") != "cpu" or C.TEST_LOGITS_PATH not in {
+            a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}:
         # a GPU's kernels (TF32 convolutions) are not the CPU's, and older evaluate runs logged no logits
         return export.outputs(cores.taking_freed("export", export.torch_predictor(model)), images)
     with tracking.artifact(run_id, C.TEST_LOGITS_PATH) as path:
-        logits = np.load(path, allow_pickle=False)
+        try:
+            logits = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise CheckFailed(f"evaluate run {run_id}'s {C.TEST_LOGITS_PATH} is not a readable array ({exc}); "
+                              "nothing was registered") from None
     if logits.shape != (len(images), C.NUM_CLASSES) or logits.dtype != np.float32:
         raise CheckFailed(f"evaluate run {run_id}'s {C.TEST_LOGITS_PATH} holds {logits.dtype} {logits.shape}, "
                           f"not float32 ({len(images)}, {C.NUM_CLASSES}); nothing was registered")

@@ -16,10 +16,10 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from cifar10_cnn import constants as C
 from cifar10_cnn import checkpoints, cores, hardware, models, recipes, synthetic, tracking
+from cifar10_cnn import constants as C
 from steps import evaluate, export, train
-from tests.conftest import step_runs
+from tests.conftest import fails, step_runs
 
 
 def test_ingest_logs_dataset_counts_and_samples(chain):
@@ -65,34 +65,52 @@ def test_evaluate_logs_test_metrics_and_confusion_matrix(chain):
     assert {"confusion_matrix.png", "per_class_accuracy.png", "confident_mistakes.png", C.TEST_LOGITS_PATH} <= names
 
 
-def test_export_checks_its_models_against_the_logits_evaluate_logged(chain, tmp_path):
+def test_export_checks_its_models_against_the_logits_evaluate_logged(chain, tmp_path, capsys, monkeypatch):
     """Evaluate logs the checkpoint's logits of every test image, and export checks both its models against
     them instead of computing them again; unless evaluate ran on a GPU (other kernels) or logged none."""
-    from types import SimpleNamespace
-
     from cifar10_cnn.data import nhwc
     from cifar10_cnn.errors import CheckFailed
     from cifar10_cnn.export import outputs, parity, torch_predictor
 
-    eval_run = mlflow.get_run(chain["evaluate"])
     model = models.RawPixelClassifier(checkpoints.trained(chain["train"])[1]).eval()
     images = nhwc(tracking.dataset_of(chain["ingest"], ("test",)).test_images)
     own = outputs(torch_predictor(model), images)
-    reference = export.checkpoint_logits(eval_run, model, images)
     with tracking.artifact(chain["evaluate"], C.TEST_LOGITS_PATH) as path:
-        assert np.array_equal(reference, np.load(path)) and reference.shape == (100, 10)
-    assert parity(own, reference).ok and parity(own, reference).max_abs_diff < 1e-5
-    on_a_gpu = SimpleNamespace(info=eval_run.info, data=SimpleNamespace(params={"eval_device": "cuda:0"}))
-    assert np.array_equal(export.checkpoint_logits(on_a_gpu, model, images), own)
-    with mlflow.start_run() as older:  # an evaluate run from before evaluate logged its logits
-        mlflow.log_param("eval_device", "cpu")
-    assert np.array_equal(export.checkpoint_logits(mlflow.get_run(older.info.run_id), model, images), own)
-    np.save(tmp_path / C.TEST_LOGITS_PATH, reference[:7])
-    with mlflow.start_run() as run:  # an evaluate run whose logits are not of these images
-        mlflow.log_param("eval_device", "cpu")
-        mlflow.log_artifact(str(tmp_path / C.TEST_LOGITS_PATH))
-    with pytest.raises(CheckFailed, match=r"holds float32 \(7, 10\), not float32 \(100, 10\)"):
-        export.checkpoint_logits(mlflow.get_run(run.info.run_id), model, images)
+        logged = np.load(path)
+    assert logged.shape == (100, 10) and parity(own, logged).max_abs_diff < 1e-5
+
+    def evaluate_run(device: str, logits: np.ndarray | bytes | None) -> str:
+        """A FINISHED evaluate run of the chain's train run, with `logits` (or a file of these bytes) as its
+        test logits."""
+        client = MlflowClient()
+        run_id = client.create_run("0", tags={C.TAG_STEP: "evaluate"}).info.run_id
+        for key, value in {"train_run_id": chain["train"], "eval_device": device}.items():
+            client.log_param(run_id, key, value)
+        client.log_metric(run_id, "test_accuracy", 0.5)
+        if isinstance(logits, bytes):
+            (tmp_path / C.TEST_LOGITS_PATH).write_bytes(logits)
+        elif logits is not None:
+            np.save(tmp_path / C.TEST_LOGITS_PATH, logits)
+        if logits is not None:
+            client.log_artifact(run_id, str(tmp_path / C.TEST_LOGITS_PATH))
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    wrong = own + 0.5  # the same predicted classes, every logit off by 0.5
+    assert np.array_equal(export.checkpoint_logits(mlflow.get_run(evaluate_run("cpu", wrong)), model, images), wrong)
+    for device, logits in (("cuda", wrong), ("cpu", None)):  # a GPU's logits, an older run without them
+        ran = export.checkpoint_logits(mlflow.get_run(evaluate_run(device, logits)), model, images)
+        assert np.array_equal(ran, own), device
+    with pytest.raises(CheckFailed, match="test_logits.npy is not a readable array"):
+        export.checkpoint_logits(mlflow.get_run(evaluate_run("cpu", b"\x93NUMPY truncated")), model, images)
+    export_args = ["--train-run-id", chain["train"], "--model-name", "tiny-wrong", "--int8", "false"]
+    # in an experiment of their own: what the failed exports logged stays out of the chain's
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient().create_experiment("wrong-logits"))
+    fails(export, [*export_args, "--evaluate-run-id", evaluate_run("cpu", wrong)], capsys,
+          "ONNX model disagrees with the checkpoint: max |logit diff| 5.00e-01")
+    fails(export, [*export_args, "--evaluate-run-id", evaluate_run("cpu", wrong[:7])], capsys,
+          "test_logits.npy holds float32 (7, 10), not float32 (100, 10); nothing was registered")
+    assert MlflowClient().search_registered_models("name LIKE 'tiny-wrong%'") == []
 
 
 def test_export_logs_the_pytorch_flavor_as_a_program_with_our_loader(chain):
