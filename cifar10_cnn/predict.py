@@ -21,6 +21,7 @@ from . import atomic
 from . import constants as C
 from . import images as imagelib
 from .errors import UserError
+from .progress import quiet_mlflow_bars_unless_interactive
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None
 
 def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
     """The command: prints one line per file; returns 0 when every file was classified, else 1."""
+    quiet_mlflow_bars_unless_interactive()
     try:
         pyfunc = load_model(model_uri)
     except UserError as exc:

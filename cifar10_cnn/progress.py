@@ -6,6 +6,7 @@ hold only the one-line-per-epoch messages the steps print themselves.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import tqdm
@@ -18,6 +19,12 @@ def say(step: str, text: str) -> None:
 
 def interactive() -> bool:
     return sys.stderr.isatty()
+
+
+def quiet_mlflow_bars_unless_interactive() -> None:
+    """MLflow's own artifact bars would fill a log file or a redirected output with carriage returns."""
+    if not interactive():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def bar(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs) -> tqdm:

@@ -23,10 +23,10 @@ from mlflow.exceptions import MlflowException
 
 from . import constants as C
 from .errors import UserError
-from .progress import interactive, say
+from .progress import quiet_mlflow_bars_unless_interactive, say
 
 
-def _sigterm_as_interrupt(signum, frame):
+def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -58,12 +58,11 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     run (which a parent `mlflow run` may then record as FAILED) and exit code 130; any other exception a
     FAILED run and the traceback.
     """
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     # A process started in the background inherits SIGINT ignored; Ctrl-C must still stop a step.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _end_with_parent()
-    if not interactive():  # MLflow's own artifact bars would fill log files with carriage returns
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow_bars_unless_interactive()
     if system_metrics:
         # Its INFO lines (start, stop, "skip GPU metrics") would bury a step's one-line error.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

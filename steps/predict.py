@@ -32,6 +32,7 @@ def run(model_uri: str, images: str) -> None:
     version = registry.version_of_uri(mlflow.MlflowClient(), model_uri)
     if version is not None:
         mlflow.log_params({"model_name": version.name, "model_version": version.version})
+    say("predict", f"model {model_uri}" + (f" = {version.name} v{version.version}" if version is not None else ""))
 
     if archive is not None:  # the test batch, labels and all
         dataset = datalib.read(archive, expected=None, splits=("test",))
@@ -65,6 +66,9 @@ def run(model_uri: str, images: str) -> None:
         if version is not None and "test_accuracy" in version.tags:
             line += f" (v{version.version}'s test_accuracy tag: {float(version.tags['test_accuracy']):.2%})"
     say("predict", line)
+    run_id = mlflow.active_run().info.run_id
+    say("predict", f"predictions.csv and summary.json in run {run_id}: "
+                   f"mlflow artifacts download -r {run_id} -a predictions.csv -d .")
 
 
 def main(argv=None):
