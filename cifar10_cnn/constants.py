@@ -57,6 +57,8 @@ TAG_STUDY_RUN = "cifar10.tune.study_run_id"  # the winner's train run: the study
 TAG_STUDY_TRIALS = "cifar10.tune.trials"  # the winner's train run: trials in the study
 TAG_STUDY_BEST_TRIAL = "cifar10.tune.best_trial"  # the winner's train run: the trial whose parameters it has
 TAG_STUDY_BEST = "cifar10.tune.best_val_accuracy"  # the winner's train run: that trial's held-out accuracy
+TAG_TRIAL_PRUNED = "cifar10.tune.pruned"  # a pruned trial run: at which epoch and why
+TAG_TRIAL_FAILED = "cifar10.tune.failed"  # a failed trial run: why (e.g. its loss diverged)
 PYTORCH_MODEL_NAME = "model"  # name= of the logged PyTorch flavor
 ONNX_MODEL_NAME = "onnx_model"  # name= of the logged ONNX flavor
 ONNX_INT8_MODEL_NAME = "onnx_int8_model"  # name= of the quantized ONNX model

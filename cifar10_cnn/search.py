@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import mlflow
 
-from . import recipes
+from . import constants as C
+from . import recipes, studies
 from .errors import UserError
 from .params import Number
 
@@ -99,6 +100,26 @@ def parse_space(text: str) -> dict[str, Dimension]:
     return space
 
 
+def key(space: dict[str, Dimension]) -> str:
+    """The space as text, the same for the same space however it was written (order, spacing, 1e-3 or 0.001)."""
+    return ",".join(f"{name}={dimension}" for name, dimension in sorted(space.items()))
+
+
+def check_corners(base: recipes.TrainConfig, space: dict[str, Dimension], validation: int) -> None:
+    """Every corner of the space (each range's ends, each choice, together) must be a recipe that passes its
+    checks: a space like epochs=1:3,warmup_epochs=0:5 fails here, before any trial, not in the trial that
+    draws warmup > epochs. Fields are checked one by one when parsed; this checks them together."""
+    import itertools
+
+    ends = [[(d.name, v) for v in (d.choices or (d.low, d.high))] for d in space.values()]
+    for corner in itertools.islice(itertools.product(*ends), 4096):  # 12 two-ended fields; spaces are smaller
+        try:
+            recipes.check(replace(base, **dict(corner), validation=validation, budget_minutes=0.0))
+        except UserError as exc:
+            shown = ", ".join(f"{k}={str(v).lower()}" for k, v in corner)
+            raise UserError(f"space: at {shown} the recipe is invalid ({exc}); narrow the ranges") from None
+
+
 def default_space(recipe: str) -> dict[str, Dimension]:
     return parse_space(SPACES[recipe])
 
@@ -113,7 +134,7 @@ def sampler(seed: int, trials: int, worker: int = 0, before: int = 0) -> optuna.
     of the trials (at least 2), then TPE's model of what scored well."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed + 1000 * worker + 1_000_003 * before,
+    return optuna.samplers.TPESampler(seed=(seed + 1000 * worker + 1_000_003 * before) % 2**32,  # numpy's range
                                       n_startup_trials=max(2, math.ceil(trials / 3)))
 
 
@@ -136,28 +157,32 @@ def changes(params: dict, base: recipes.TrainConfig) -> str:
 # --- trials: each trains on the training images less the held-out ones, scored on those after each epoch
 
 
-def work(study: optuna.Study, job: dict, worker: int) -> None:
+def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
     """Ask the study for trials and run them until it has `job['trials']` or the budget would not fit one
-    more trial and the winner's training. Any number of processes may do this on one study at once."""
+    more trial and the winner's training. Any number of processes may do this on one study at once.
+    `dataset`: the ingest run's training split, if the caller has it already."""
     import optuna
 
-    from . import tracking, training
+    from . import training
 
-    dataset = tracking.dataset_of(job["ingest_run_id"], ("train",))  # the test split is never loaded here
+    if dataset is None:
+        dataset = training_images(job)
+    split = held_out(dataset.train_labels, job)
     client = mlflow.MlflowClient()
     while fits_another(study, job):
         trial = ask(study)
-        if trial.number >= job["trials"]:  # another worker took the last one meanwhile: this one never ran
-            client.delete_run(trial._trial_id)
+        # Counted, not numbered: a trial deleted here keeps its number, so numbers can skip one.
+        if sum(t.number < trial.number for t in study.get_trials(deepcopy=False)) >= job["trials"]:
+            client.delete_run(trial._trial_id)  # another worker took the last one meanwhile: this one never ran
             return
         client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
         try:
-            value = run_trial(trial, job, dataset, worker)
+            value = run_trial(trial, job, dataset, split, worker)
         except optuna.TrialPruned as pruned:
-            client.set_tag(trial._trial_id, "cifar10.tune.pruned", str(pruned))
+            client.set_tag(trial._trial_id, C.TAG_TRIAL_PRUNED, str(pruned))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         except training.Diverged as exc:  # a NaN loss fails this trial, and the search goes on
-            client.set_tag(trial._trial_id, "cifar10.tune.failed", str(exc))
+            client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt here) or a bug: never left RUNNING
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -186,7 +211,23 @@ def ask(study: optuna.Study) -> optuna.Trial:
     return trial
 
 
-def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
+def training_images(job: dict):
+    """The ingest run's training split; the test split is never loaded by a search."""
+    from . import tracking
+
+    return tracking.dataset_of(job["ingest_run_id"], ("train",))
+
+
+def held_out(labels, job: dict):
+    """(kept, held out) training images, the same for every trial of the study: drawn with the recipe's own
+    seed, not the trial's (a searched seed would score each trial on other images, some of them another
+    trial's training images). A UserError when the training set is too small for -P validation."""
+    from . import data
+
+    return data.holdout(labels, job["validation"], recipes.RECIPES[job["recipe"]].seed)
+
+
+def run_trial(trial: optuna.Trial, job: dict, dataset, split, worker: int) -> float:
     """Train the recipe with the trial's parameters; its run gets their curves. The last epoch's held-out
     accuracy is the trial's value (the model the winner's retraining will reproduce)."""
     import time
@@ -195,7 +236,7 @@ def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
     import torch
     from mlflow.entities import Metric, Param
 
-    from . import data, hardware, models, training
+    from . import hardware, models, training
     from .progress import say
 
     chosen = suggest(trial, parse_space(job["space"]))
@@ -206,7 +247,7 @@ def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
     client, run_id = mlflow.MlflowClient(), trial._trial_id
     fixed = {k: v for k, v in asdict(config).items() if k not in chosen}  # the chosen ones: logged by the study
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {**fixed, "recipe": job["recipe"]}.items()])
-    kept, held = data.holdout(dataset.train_labels, config.validation, config.seed)
+    kept, held = split
     images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels).long()
 
     def on_epoch(r: training.EpochResult) -> None:
@@ -227,12 +268,13 @@ def run_trial(trial: optuna.Trial, job: dict, dataset, worker: int) -> float:
 
 
 def fits_another(study: optuna.Study, job: dict) -> bool:
-    """Whether one more trial (and then the winner's training) fits: fewer trials than asked for, and the
-    median finished trial's time, plus the longest one's again for the winner, before the deadline."""
+    """Whether one more trial (and then the winner's training) fits: the study still open, fewer trials than
+    asked for, and the median finished trial's time, plus the longest one's again for the winner, before the
+    deadline."""
     import time
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]  # enqueued: not yet begun
-    if len(trials) >= job["trials"]:
+    if len(trials) >= job["trials"] or not studies.is_open(study):  # the owner has chosen the winner, or failed
         return False
     took = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                   if t.datetime_complete is not None and t.state.name == "COMPLETE")

@@ -6,6 +6,7 @@ Here the study run is itself nested under the tune run that created it. The tune
 trains its winner; a tune run started with the same study name while the owner is alive joins as a worker
 (trials only); one started after the owner died (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes: the
 trials the dead process left RUNNING are marked FAILED, the finished ones are kept, and it takes over.
+Joining or resuming takes the settings the study was made with (recipe, space, held-out images).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import UserError
 DIRECTION = "maximize"  # the held-out accuracy
 TAG_OWNER_RUN = "cifar10.study.owner_run_id"  # study run: the tune run that trains the winner
 TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of that tune run's process
+TAG_SETTINGS = "cifar10.study.settings"  # study run: what makes its trials comparable (JSON), set by its maker
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,14 @@ def owner_alive(study_run) -> bool:
     return pid.isdigit() and psutil.pid_exists(int(pid))
 
 
-def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pruner) -> Opened:
+def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pruner, settings: dict) -> Opened:
     """The study `name` of this experiment, made (nested under `tune_run_id`), joined or resumed.
     `sampler_for(n)` makes the sampler given the n trials the study already holds: a process that joins or
-    resumes must not replay the proposals the first one drew from the same seed."""
+    resumes must not replay the proposals the first one drew from the same seed. `settings` (recipe, space,
+    held-out images) must be those the study was made with: its trials are ranked against each other, and
+    the winner's parameters are applied to that recipe."""
+    import json
+
     import optuna
 
     client = mlflow.MlflowClient()
@@ -72,12 +78,18 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pru
                                     pruner=pruner)
         study_run_id = study._study_id
         client.set_tag(study_run_id, C.TAG_PARENT_RUN, tune_run_id)
+        client.set_tag(study_run_id, TAG_SETTINGS, json.dumps(settings, sort_keys=True))
         _own(client, study_run_id, tune_run_id)
         return Opened(study, study_run_id, "owner")
     study_run = client.get_run(existing)
     if study_run.data.tags.get("optuna.study_direction", "").lower() != DIRECTION:
         raise UserError(f"study {name!r}: run {existing} of this experiment has that name but is not a study "
                         "this pipeline made; choose another study name")
+    made_with = json.loads(study_run.data.tags.get(TAG_SETTINGS, "null")) or settings  # older studies: unknown
+    if differ := [k for k in sorted(set(made_with) | set(settings)) if made_with.get(k) != settings.get(k)]:
+        raise UserError(f"study {name!r} was made with " + ", ".join(f"{k}={made_with.get(k)}" for k in differ)
+                        + "; this run has " + ", ".join(f"{k}={settings.get(k)}" for k in differ)
+                        + ": give the same -P values to resume or join it, or another -P study")
     before = len(store.get_all_trials(existing, deepcopy=False))
     study = optuna.load_study(study_name=name, storage=store, sampler=sampler_for(before), pruner=pruner)
     if owner_alive(study_run):
@@ -86,7 +98,19 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pru
     for trial in stale:  # their process is gone: they will never report
         store.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
     _own(client, existing, tune_run_id)
+    if study_run.info.status != "RUNNING":  # its owner failed (or chose a winner): open again
+        client.update_run(existing, status="RUNNING")
     return Opened(study, existing, "resumer", len(stale))
+
+
+def is_open(study) -> bool:
+    """Whether the study still takes trials: its run ends when the owner has its winner, or failed."""
+    return mlflow.MlflowClient().get_run(study._study_id).info.status == "RUNNING"
+
+
+def close(study_run_id: str, status: str) -> None:
+    """End the study run (FINISHED, FAILED or KILLED): the workers of other processes stop asking for trials."""
+    mlflow.MlflowClient().set_terminated(study_run_id, status)
 
 
 def _own(client, study_run_id: str, tune_run_id: str) -> None:

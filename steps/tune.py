@@ -9,7 +9,6 @@ test accuracy is measured once, on the final model.
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,24 +36,28 @@ def run(**raw: str) -> None:
     # or the budget could not fit another trial and the winner's training.
     base = recipes.RECIPES[p["recipe"]]
     job = {"ingest_run_id": ingest_id, "recipe": p["recipe"], "space": p["space_text"], "study": p["study"],
+           "space_key": search.key(p["space"]),
            "tune_run_id": tune_run.info.run_id, "experiment_id": tune_run.info.experiment_id,
            "trials": p["trials"], "deadline": started + 60 * p["budget_minutes"], "validation": p["validation"],
            "seed": p["seed"], "device": p["device"], "workers": p["workers"]}
+    dataset = search.training_images(job)
+    search.held_out(dataset.train_labels, job)  # -P validation too large for the data: fail before the study
     opened = open_study(job, worker=0)
     say("tune", f"study {p['study']!r} ({opened.role}), run {opened.study_run_id}: up to {p['trials']} trials in "
                 f"{p['budget_minutes']:g} min over {', '.join(f'{k}={v}' for k, v in p['space'].items())}")
     if opened.stale:
         say("tune", f"resuming: {opened.stale} trial(s) a stopped run left RUNNING are now FAILED")
-    with ProcessPoolExecutor(p["workers"] - 1) if p["workers"] > 1 else nullcontext() as pool:
-        others = [pool.submit(work, {**job, "worker": w}) for w in range(1, p["workers"])]
-        search.work(opened.study, job, worker=0)
-        for other in others:
-            other.result()
-    if opened.role == "worker":  # the study's owner trains the winner
-        say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
-        return
-    finished = search.wait_for_trials(opened.study)
-    mlflow.MlflowClient().set_terminated(opened.study_run_id, "FINISHED")
+    try:
+        search_with_workers(opened, job, dataset)
+        if opened.role == "worker":  # the study's owner trains the winner
+            say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
+            return
+        finished = search.wait_for_trials(opened.study)
+    except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
+        if opened.role != "worker":
+            studies.close(opened.study_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    studies.close(opened.study_run_id, "FINISHED")
     summary = search.summary(finished)
     mlflow.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
                         "trials_failed": summary["failed"]})
@@ -69,11 +72,14 @@ def run(**raw: str) -> None:
     say("tune", f"best: trial {best.number}, val accuracy {best.value:.2%}; against {p['recipe']}: {changed}")
 
     # The winner through the real pipeline: trained on every training image, then evaluate, export, register.
+    # The tags are for export's model card. An earlier train run with the same parameters is reused only if
+    # this study's winner made it (a resumed tune): a card never names a study its model did not come from.
+    tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
+            C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}
     train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
                                    "validation": 0, "device": p["device"], "nproc_per_node": 1,
-                                   "resume_run_id": "none"})
-    tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
-            C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}  # for export's model card
+                                   "resume_run_id": "none"},
+                         match_tags={k: str(v) for k, v in tags.items()})
     mlflow.MlflowClient().log_batch(train_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
     test = mlflow.get_run(evaluate_id).data.metrics
@@ -106,6 +112,7 @@ def check(raw: dict) -> dict:
     if fixed := set(space) & {"validation", "budget_minutes"}:  # tune sets these for every trial
         raise UserError(f"space: {', '.join(sorted(fixed))} cannot be searched (tune holds out -P validation "
                         "images and trains each trial for its epochs)")
+    search.check_corners(recipes.RECIPES[recipe], space, validation)
     return {"recipe": recipe, "space": space, "space_text": space_text, "study": study,
             "validation": validation, "trials": params.POSITIVE_INT("trials", raw["trials"]),
             "budget_minutes": params.POSITIVE("budget_minutes", raw["budget_minutes"]),
@@ -119,15 +126,37 @@ def check(raw: dict) -> dict:
 
 
 def open_study(job: dict, worker: int) -> studies.Opened:
+    settings = {"recipe": job["recipe"], "space": job["space_key"], "validation": job["validation"]}
     return studies.open_study(job["study"], job["tune_run_id"], job["experiment_id"],
                               lambda before: search.sampler(job["seed"], job["trials"], worker, before),
-                              search.pruner())
+                              search.pruner(), settings)
+
+
+def search_with_workers(opened: studies.Opened, job: dict, dataset) -> None:
+    """This process and `workers - 1` more ask the study for trials. When this one stops (Ctrl-C, SIGTERM, a
+    failure), the others are stopped too, each marking its trial FAILED, instead of searching on unseen."""
+    if job["workers"] == 1:
+        search.work(opened.study, job, worker=0, dataset=dataset)
+        return
+    with ProcessPoolExecutor(job["workers"] - 1) as pool:
+        others = [pool.submit(work, {**job, "worker": w}) for w in range(1, job["workers"])]
+        try:
+            search.work(opened.study, job, worker=0, dataset=dataset)
+            for other in others:
+                other.result()
+        except BaseException:
+            for process in list(pool._processes.values()):  # no public way before Python 3.14's terminate_workers
+                process.terminate()
+            raise
 
 
 def work(job: dict) -> None:
     """A worker process of `-P workers=K`: the same study, trials until the study has enough."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGTERM, tracking.sigterm_as_interrupt)  # its trial ends FAILED, not RUNNING
     torch.set_num_threads(max(1, cores.machine() // job["workers"]))
     search.work(open_study(job, job["worker"]).study, job, job["worker"])
 

@@ -54,6 +54,7 @@ RAW = {"recipe": "seed", "trials": "4", "budget_minutes": "5", "space": "auto", 
     ({"recipe": "slow"}, "recipe must be one of seed, fast, fast94"),
     ({"study": "it's"}, "study must be 1-100 characters without quotes"),
     ({"space": "validation=0|100"}, "space: validation cannot be searched"),
+    ({"space": "epochs=1:3,warmup_epochs=0:5"}, "space: at epochs=1, warmup_epochs=5.0 the recipe is invalid"),
 ])
 def test_tune_checks_everything_before_any_trial(bad, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -75,14 +76,14 @@ def job(store, archive):
     client = MlflowClient()
     tune_run = client.create_run("0", tags={C.TAG_STEP: "tune"}).info.run_id
     return {"ingest_run_id": only_run("ingest").info.run_id, "recipe": "seed", "study": "unit",
-            "space": "learning_rate=0.0000001:1000000000:log,epochs=2:3", "tune_run_id": tune_run,
+            "space": "learning_rate=0.0000001:1000000000:log,epochs=2:3", "space_key": "the space",
+            "tune_run_id": tune_run,
             "experiment_id": "0", "trials": 5, "deadline": float("inf"), "validation": 50, "seed": 0,
             "device": "cpu", "workers": 1}
 
 
 def opened(job) -> studies.Opened:
-    return studies.open_study(job["study"], job["tune_run_id"], "0",
-                              lambda before: search.sampler(0, job["trials"], 0, before), search.pruner())
+    return tune.open_study(job, worker=0)
 
 
 def test_trials_are_runs_under_the_study_with_their_curves_and_no_test_metric(job):
@@ -106,7 +107,7 @@ def test_trials_are_runs_under_the_study_with_their_curves_and_no_test_metric(jo
             "learning_rate"]
     curve = client.get_metric_history(trials[0]._trial_id, "val_accuracy")
     assert [m.step for m in curve] == [1, 2, 3] and curve[-1].value == trials[0].value
-    assert "diverged" in client.get_run(trials[3]._trial_id).data.tags["cifar10.tune.failed"]
+    assert "diverged" in client.get_run(trials[3]._trial_id).data.tags[C.TAG_TRIAL_FAILED]
     assert search.best(study).number in (0, 1)
 
 
@@ -144,3 +145,75 @@ def test_the_description_says_when_the_budget_cut_the_trials():
     assert search.budget_note(4, 4, 5) == ""
     note = search.budget_note(2, 20, 60)
     assert "60-minute budget fitted 2 of the 20 trials" in note and "budget_minutes" in note
+
+
+def test_every_trial_is_scored_on_the_same_held_out_images(job, monkeypatch):
+    from types import SimpleNamespace
+
+    from cifar10_cnn import training
+
+    seen = []
+
+    def scored(model, images, labels, config, device, on_epoch, held_out):  # no training: what it was given
+        seen.append((config.seed, held_out[0].sum().item(), len(images) + len(held_out[0])))
+        return [SimpleNamespace(val_accuracy=0.5)]
+
+    monkeypatch.setattr(training, "train", scored)
+    study = opened({**job, "space": "seed=1|2"}).study
+    for seed in (1, 2):
+        study.enqueue_trial({"seed": seed})
+    search.work(study, {**job, "space": "seed=1|2", "trials": 2}, worker=0)
+    # a searched seed changes the trial's initialisation, not which training images it is scored on
+    assert sorted(s for s, _, _ in seen) == [1, 2] and seen[0][1:] == seen[1][1:]
+
+
+def test_a_study_counts_its_trials_and_stops_when_its_owner_closes_it(job, monkeypatch):
+    monkeypatch.setattr(search, "run_trial", lambda trial, *args: 0.5)
+    study = opened(job).study
+    study.tell(study.ask(), 0.4)
+    MlflowClient().delete_run(study.ask()._trial_id)  # one too many (another worker's): its number stays taken
+    search.work(study, {**job, "trials": 2}, worker=0)
+    assert sorted(t.number for t in study.get_trials()) == [0, 2]  # two trials, though numbered 0 and 2
+    studies.close(study._study_id, "FINISHED")  # the owner chose its winner: no worker asks for more
+    search.work(study, {**job, "trials": 5}, worker=0)
+    assert len(study.get_trials()) == 2
+    assert search.sampler(2**32 - 1, 4, worker=1, before=3)  # seeds past numpy's range wrap instead of failing
+
+
+def test_joining_a_study_takes_the_settings_it_was_made_with(job):
+    owner = opened(job)
+    for changed, message in [({"recipe": "fast"}, "was made with recipe=seed; this run has recipe=fast"),
+                             ({"space_key": "epochs=2:4"}, "was made with space=the space"),
+                             ({"validation": 100}, "was made with validation=50; this run has validation=100")]:
+        joiner = MlflowClient().create_run("0").info.run_id
+        with pytest.raises(UserError, match=message):
+            opened({**job, **changed, "tune_run_id": joiner})
+    assert opened({**job, "trials": 9, "tune_run_id": MlflowClient().create_run("0").info.run_id}).study_run_id == \
+        owner.study_run_id  # more trials, another budget: the same study
+
+
+def slow_worker(job):  # a worker process of the test below: never stops by itself within the test
+    import time
+    from pathlib import Path
+
+    Path(job["started"]).touch()
+    time.sleep(30)
+    Path(job["finished"]).touch()
+
+
+def test_when_the_search_stops_its_worker_processes_stop_too(job, tmp_path, monkeypatch):
+    import time
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+
+    def interrupted(study, job, worker, dataset=None):  # Ctrl-C in this process, the other one mid-trial
+        while not started.exists():
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "work", slow_worker)
+    monkeypatch.setattr(search, "work", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune.search_with_workers(studies.Opened(None, "study run", "owner"),
+                                 {**job, "workers": 2, "started": str(started), "finished": str(finished)}, None)
+    assert not finished.exists()  # stopped, not waited for
