@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -85,6 +86,22 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
         raise UserError(f"{where} is not a regular file or folder; refusing it")
 
 
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedHeaders(tarfile.TarInfo):
+    """A member whose long name or pax header says it is larger than any a CIFAR-10 archive has is refused
+    before tarfile reads that header into memory (a few kB of gzip can claim gigabytes)."""
+
+    MAX_HEADER_BYTES = 2**20
+
+    def _proc_member(self, tar):  # the hook tarfile calls per header block (CPython 3.8-3.14)
+        if self.type in _EXTENDED_HEADERS and self.size > self.MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"an extended header of {self.size:,} bytes; refusing a hostile archive")
+        return super()._proc_member(tar)
+
+
 def _read_archive(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
     size = path.stat().st_size
     if size == 0:
@@ -95,7 +112,8 @@ def _read_archive(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
     wanted = _wanted_members(splits)
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r:gz") as tar, bar(total=len(wanted), desc="read archive", unit="file") as pbar:
+        with tarfile.open(path, "r:gz", tarinfo=_BoundedHeaders) as tar, \
+                bar(total=len(wanted), desc="read archive", unit="file") as pbar:
             for member in tar:
                 _check_member(member, path)
                 if member.name not in wanted or not member.isfile():
@@ -176,6 +194,10 @@ def _class_names(raw: bytes, where: str) -> tuple[str, ...]:
         raise UserError(
             f"data: {where}/{C.META_FILE} should list {C.NUM_CLASSES} distinct class names, found {len(names)}"
         )
+    # They become parts of metric names (test_accuracy_<name>, count_<name>): what MLflow takes there.
+    if bad := next((n for n in names if not re.fullmatch(r"[A-Za-z0-9_\-. :/]{1,100}", n)), None):
+        raise UserError(f"data: {where}/{C.META_FILE} names a class {bad!r}: class names may hold only letters, "
+                        "digits, spaces and _ - . : /")
     return names
 
 

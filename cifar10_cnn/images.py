@@ -20,6 +20,9 @@ import numpy as np
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_PIXELS = 40_000_000  # width x height; a 40-megapixel photo passes, a decompression bomb does not
 SIZE = (32, 32)  # width, height the networks take
+# What photos and image files come as. Pillow reads more (DDS, EPS through Ghostscript, FITS, ...): formats
+# nobody sends a classifier, each a decoder more for a hostile file to reach.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF")  # JPEG includes MPO
 
 
 class UnreadableImage(ValueError):
@@ -40,13 +43,13 @@ def decode(data: bytes, name: str) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_PIXELS and twice that; every bomb is an error here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise UnreadableImage(f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS:,} "
                                           "allowed (a decompression bomb?)")
-                image = ImageOps.exif_transpose(image)
-                rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK, 16-bit: all to RGB
+                image = eight_bit(ImageOps.exif_transpose(image), name)
+                rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK: all to RGB
                 if rgb.size != SIZE:
                     rgb = rgb.resize(SIZE, Image.Resampling.BILINEAR)  # antialiased when shrinking
                 return np.asarray(rgb, dtype=np.uint8)  # [32, 32, 3]
@@ -55,9 +58,23 @@ def decode(data: bytes, name: str) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(f"{name}: too many pixels (a decompression bomb?)") from None
     except Image.UnidentifiedImageError:
-        raise UnreadableImage(f"{name}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise UnreadableImage(f"{name}: corrupt image ({exc})") from None
+        raise UnreadableImage(f"{name}: not an image file of a format taken here ({', '.join(FORMATS)})") from None
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, struct.error (EXIF), ...
+        raise UnreadableImage(f"{name}: corrupt image ({exc or type(exc).__name__})") from None
+
+
+def eight_bit(image, name: str):
+    """16- and 32-bit integer grey images scaled to 8 bits (0..65535 -> 0..255), as a viewer shows them:
+    Pillow's convert would clip them, most 16-bit pixels to white. Float images have no range to scale
+    from, so they are refused."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise UnreadableImage(f"{name}: a floating-point image (mode F); save it with 8 or 16 bits per channel")
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    pixels = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels / 257), 0, 255).astype(np.uint8), "L")
 
 
 def load(path: Path) -> np.ndarray:

@@ -83,7 +83,8 @@ def load_model(model_uri: str):
 
 def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None:
     """All results as CSV, complete or not at all (atomic.replacing)."""
-    with atomic.replacing(dest) as tmp, open(tmp, "w", newline="") as f:
+    # A file name that is not UTF-8 (bytes os.fsdecode could not decode) is written with backslash escapes.
+    with atomic.replacing(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "class", "probability", *(f"p_{n}" for n in class_names), "error", "true_class"])
         for r in results:
@@ -105,6 +106,9 @@ def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
     paths = [p for given in inputs for p in imagelib.files_under(Path(given))]
     if not paths:
         print("error: predict: no files to classify", file=sys.stderr)
+        return 2
+    if Path(csv_path).is_dir():
+        print(f"error: predict: --csv {csv_path} is a folder; give a file name", file=sys.stderr)
         return 2
     results = classify(paths, pyfunc.predict)
     for r in results:
@@ -133,5 +137,8 @@ def payload(inputs: list[str]) -> int:
             except imagelib.UnreadableImage as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
+    if not arrays:
+        print(f"error: payload: no image files in {' '.join(inputs)}", file=sys.stderr)
+        return 2
     print(json.dumps({"inputs": np.stack(arrays).tolist()}))
     return 0

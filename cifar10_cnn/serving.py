@@ -110,7 +110,7 @@ def decode_one(item, name: str) -> np.ndarray:
     """One image file, as base64 text (a data URL's prefix and MIME line breaks allowed) or bytes -> uint8
     `[32, 32, 3]`, or InvalidImages naming it `name`."""
     if isinstance(item, str):
-        text = item.split(",", 1)[1] if item.startswith("data:") else item  # a data URL's payload
+        text = item.partition(",")[2] if item.startswith("data:") else item  # a data URL's payload
         try:
             item = base64.b64decode("".join(text.split()), validate=True)  # MIME line breaks allowed (Spark)
         except (binascii.Error, ValueError):
@@ -198,8 +198,9 @@ def shorten(message: str) -> str:
 
 def guard_scoring_server() -> None:
     """Wrap MLflow's request handler (`mlflow.pyfunc.scoring_server.invocations`, looked up by name on
-    every request) once: a body nested too deeply for Python's JSON parser becomes a 400, not a 500, and
-    long error messages are cut. Only the process that serves this model is affected."""
+    every request) once: a body nested too deeply for Python's JSON parser becomes a 400 and a request
+    without a Content-Type a 415, not a 500, and long error messages are cut. Only the process that
+    serves this model is affected."""
     try:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
@@ -210,9 +211,13 @@ def guard_scoring_server() -> None:
     if getattr(handler, "guarded", False):
         return
 
-    def invocations(*args, **kwargs):
+    def invocations(data, content_type, *args, **kwargs):
+        if not content_type:  # MLflow's handler would answer 500 (it splits the header it was not sent)
+            return scoring_server.InvocationsResponse(
+                response="the request has no Content-Type header: send Content-Type: application/json",
+                status=415, mimetype="text/plain")
         try:
-            return handler(*args, **kwargs)
+            return handler(data, content_type, *args, **kwargs)
         except RecursionError:
             raise MlflowException("the request body is nested too deeply to parse: send "
                                   '{"inputs": [[[[r, g, b], ...]]]} or {"inputs": {"image": [...]}}',

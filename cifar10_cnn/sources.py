@@ -61,7 +61,10 @@ def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: b
         if not fetch:
             return None
         return Source(download(C.OFFICIAL_URL, cached, md5=C.OFFICIAL_MD5), "archive", C.OFFICIAL_URL)
-    scheme = urllib.parse.urlparse(data).scheme
+    try:
+        scheme = urllib.parse.urlparse(data).scheme
+    except ValueError as exc:  # e.g. http://[::1/x
+        raise UserError(f"data: {data!r} is not a valid URL ({exc})") from None
     if scheme in ("http", "https"):
         return Source(_download_cached(data, cache_dir), "archive", data) if fetch else None
     if scheme == "file":
@@ -137,8 +140,11 @@ def download(url: str, dest: Path, md5: str | None = None, timeout_s: float = 60
     An interrupted or failed download leaves no file named `dest`, so a later run never takes a
     partial file for good data.
     """
+    import http.client
+
     digest = hashlib.md5(usedforsecurity=False)
     with replacing(dest) as tmp:
+        received = 0
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response, tmp.open("wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
@@ -146,9 +152,15 @@ def download(url: str, dest: Path, md5: str | None = None, timeout_s: float = 60
                     while chunk := response.read(_CHUNK):
                         out.write(chunk)
                         digest.update(chunk)
+                        received += len(chunk)
                         pbar.update(len(chunk))
-        except OSError as exc:  # URLError, HTTPError, timeouts and socket errors are all OSErrors
+        # URLError, HTTPError, timeouts and socket errors are OSErrors; a cut chunked reply is IncompleteRead;
+        # a malformed URL (http://[::1/x, a space in the host) is a ValueError or InvalidURL
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             raise UserError(f"data: could not download {url}: {exc}") from None
+        if total is not None and received != total:  # the server closed early: read() just returns b""
+            raise UserError(f"data: the download of {url} stopped after {received:,} of its {total:,} bytes; "
+                            "nothing was kept, run again")
         if md5 is not None and digest.hexdigest() != md5:
             raise UserError(
                 f"data: {url} downloaded with md5 {digest.hexdigest()}, expected {md5} "

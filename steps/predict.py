@@ -48,7 +48,7 @@ def run(model_uri: str, images: str) -> None:
     for r in errors[:10]:
         say("predict", f"skipped {r.error}")
     if len(errors) == len(results):
-        raise UserError(f"images: none of the {len(results)} file(s) under {source} is an image Pillow can read "
+        raise UserError(f"images: none of the {len(results)} file(s) under {source} is an image it can read "
                         f"(first: {errors[0].error})")
     counts = Counter(r.label for r in results if r.label)
     with tempfile.TemporaryDirectory() as tmp:

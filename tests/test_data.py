@@ -114,11 +114,24 @@ def test_oversized_member_is_refused_before_reading(tmp_path):
         read(synthetic.write_archive(tmp_path / "a.tar.gz", files))
 
 
+def test_a_long_name_header_claiming_gigabytes_is_refused_before_it_is_read(tmp_path):
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, 2**30  # tarfile would read a GiB into memory
+    path = tmp_path / "a.tar.gz"
+    with gzip.open(path, "wb") as gz:
+        gz.write(header.tobuf(format=tarfile.GNU_FORMAT)[:512] + bytes(1024))
+    with pytest.raises(UserError, match=r"an extended header of 1,073,741,824 bytes; refusing a hostile archive"):
+        read(path)
+
+
 def test_meta_with_wrong_number_of_classes(tmp_path):
     files = synthetic.batch_files()
     files[C.META_FILE] = b"cat\ndog\n"
     with pytest.raises(UserError, match=r"batches\.meta\.txt should list 10 distinct class names, found 2"):
         read(synthetic.write_archive(tmp_path / "a.tar.gz", files))
+    files[C.META_FILE] = "\n".join([*C.CLASS_NAMES[:9], "cat?"]).encode()  # no metric could be named after it
+    with pytest.raises(UserError, match=r"batches\.meta\.txt names a class 'cat\?': class names may hold only"):
+        read(synthetic.write_archive(tmp_path / "b.tar.gz", files))
 
 
 def test_empty_file(tmp_path):
@@ -200,6 +213,42 @@ def test_unreachable_url(tmp_path):
     with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1:9/cifar\.tar\.gz"):
         sources.download("http://127.0.0.1:9/cifar.tar.gz", tmp_path / "x.tar.gz", timeout_s=5)
     assert list(tmp_path.iterdir()) == []
+    for url in ("http://[::1/x.tar.gz", "http://exa mple.com/x.tar.gz"):  # malformed: one line, not a traceback
+        with pytest.raises(UserError, match="data: "):
+            sources.resolve_source(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_download_the_server_cuts_short_keeps_nothing(tmp_path, chunked):
+    import http.server
+    import threading
+
+    class Cut(http.server.BaseHTTPRequestHandler):  # promises 1 MB, sends 1 kB, hangs up
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(2**20))))
+            self.end_headers()
+            self.wfile.write(b"400\r\n" + bytes(1024) + b"\r\n" if chunked else bytes(1024))
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cut.tar.gz"
+    try:
+        for _ in range(2):  # and the next run does not take a kept partial file for the archive
+            with pytest.raises(UserError, match="stopped after 1,024 of its 1,048,576 bytes" if not chunked
+                               else "could not download"):
+                sources.resolve_source(url, tmp_path / "cache")
+    finally:
+        server.shutdown()
+    assert not any((tmp_path / "cache").iterdir())
 
 
 # --- the hand-off between steps ----------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Image files -> model input, and the predict command's per-file behaviour (no MLflow needed)."""
 
 import csv
+import io
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,16 @@ def test_any_size_and_mode_becomes_32x32_rgb(tmp_path):
         assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8, name
 
 
+def test_16_bit_images_are_scaled_to_8_bits_and_float_ones_refused(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # a 16-bit grey PNG, dark to light
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = images.load(tmp_path / "ramp.png")
+    assert 120 < pixels.mean() < 135 and pixels.min() < 10 and pixels.max() > 245  # not clipped to white
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(images.UnreadableImage, match="a floating-point image"):
+        images.load(tmp_path / "float.tiff")
+
+
 def test_a_32x32_png_is_taken_as_is(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert np.array_equal(images.load(save(tmp_path / "x.png", pixels)), pixels)
@@ -42,7 +55,8 @@ def test_resizing_averages_instead_of_sampling(tmp_path):
     assert 100 < pixels.mean() < 155 and pixels.std() < 20
 
 
-@pytest.mark.parametrize("what", ["empty", "text", "truncated", "bomb", "too large", "folder"])
+@pytest.mark.parametrize("what", ["empty", "text", "truncated", "bomb", "too large", "folder", "other format",
+                                  "bad exif"])
 def test_hostile_files_are_refused_with_a_reason(tmp_path, what):
     path = tmp_path / f"{what}.png"
     if what == "empty":
@@ -50,7 +64,7 @@ def test_hostile_files_are_refused_with_a_reason(tmp_path, what):
         message = "empty file"
     elif what == "text":
         path.write_text("this is not an image\n")
-        message = "not an image Pillow can read"
+        message = "not an image file of a format taken here"
     elif what == "truncated":
         data = (tmp_path / "ok.png")
         save(data, np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -60,6 +74,21 @@ def test_hostile_files_are_refused_with_a_reason(tmp_path, what):
         Image.new("1", (20_000, 20_000)).save(path)
         assert path.stat().st_size < 2**20
         message = "decompression bomb"
+    elif what == "other format":  # a DirectDraw texture: Pillow reads it, through a decoder nobody needs here
+        path.write_bytes(b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+                         + struct.pack("<2I", 32, 0) + bytes(104))
+        message = "not an image file of a format taken here"
+    elif what == "bad exif":  # a SHORT tag holding text: Pillow's EXIF rotation raises struct.error on it
+        image = Image.new("RGB", (24, 24))
+        exif = image.getexif()
+        exif[0x0112], exif[0x010E] = 6, "hello"
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", exif=exif)
+        data = buffer.getvalue()
+        at = data.index(b"Exif") + 6
+        tag, other = (b"\x01\x0e", b"\x01\x4c") if data[at:at + 2] == b"MM" else (b"\x0e\x01", b"\x4c\x01")
+        path.write_bytes(data[:at] + data[at:].replace(tag, other, 1))  # ImageDescription -> InkSet (SHORT)
+        message = "corrupt image"
     elif what == "too large":
         with open(path, "wb") as f:  # sparse: costs no disk
             f.truncate(images.MAX_FILE_BYTES + 1)
@@ -98,14 +127,16 @@ def test_folder_csv_is_complete(tmp_path):
     (folder / "sub").mkdir(parents=True)
     save(folder / "a.png", np.full((40, 40, 3), (0, 200, 0), np.uint8))
     save(folder / "sub" / "b.png", np.full((40, 40, 3), (200, 0, 0), np.uint8))
+    save(folder / os.fsdecode(b"z-caf\xe9.png"), np.full((40, 40, 3), (0, 0, 200), np.uint8))  # not UTF-8
     (folder / "notes.txt").write_text("hello")
     (folder / ".hidden.png").write_text("skipped")
     paths = images.files_under(folder)
-    assert [p.relative_to(folder).as_posix() for p in paths] == ["a.png", "notes.txt", "sub/b.png"]
+    assert [p.relative_to(folder).as_posix() for p in paths][:3] == ["a.png", "notes.txt", "sub/b.png"]
     dest = tmp_path / "out" / "predictions.csv"
     predict.write_csv(predict.classify(paths, fake_model), [f"c{i}" for i in range(10)], dest)
-    rows = list(csv.DictReader(dest.open()))
-    assert [r["class"] for r in rows] == ["c1", "", "c0"]
+    rows = list(csv.DictReader(dest.open(encoding="utf-8")))
+    assert [r["class"] for r in rows] == ["c1", "", "c0", "c2"]
+    assert rows[3]["path"].endswith("z-caf\\udce9.png")  # its bytes escaped, the file still valid UTF-8
     assert "not an image" in rows[1]["error"] and rows[0]["error"] == ""
     assert float(rows[0]["p_c1"]) == pytest.approx(1.0) and list(dest.parent.iterdir()) == [dest]
 
@@ -216,7 +247,8 @@ def test_exif_orientation_is_applied_to_uploads(tmp_path):
 
 @pytest.mark.parametrize("what, request_, message", [
     ("bad base64", pd.DataFrame({"image": ["not base64!"]}), "image 0: not valid base64"),
-    ("not an image", {"image": np.array(["aGVsbG8gd29ybGQ="])}, "image 0: not an image Pillow can read"),
+    ("a data URL without data", pd.DataFrame({"image": ["data:image/png;base64"]}), "image 0: empty"),
+    ("not an image", {"image": np.array(["aGVsbG8gd29ybGQ="])}, "image 0: not an image file of a format taken here"),
     ("a number", pd.DataFrame({"image": [12]}), "image 0: expected a base64 string"),
     ("wrong column", pd.DataFrame({"picture": ["aGVsbG8="]}), "exactly one column, 'image'"),
     ("wrong input", {"photo": np.array(["aGVsbG8="])}, "one input named 'image'"),

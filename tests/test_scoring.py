@@ -4,10 +4,12 @@ request payload."""
 
 import base64
 import csv
+import http.client
 import io
 import json
 import threading
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from functools import partial
@@ -122,6 +124,10 @@ def check_server(url: str, name: str, tmp_path: Path) -> None:
         status, reply = post(body)
         assert status == 400 and message in reply["message"], (what, status, reply)
         assert urllib.request.urlopen(f"{url}/ping", timeout=5).status == 200  # still up
+    bare = http.client.HTTPConnection(urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port, timeout=30)
+    bare.request("POST", "/invocations", body=json.dumps({"inputs": images.tolist()}).encode())  # no Content-Type
+    reply = bare.getresponse()
+    assert reply.status == 415 and b"no Content-Type header" in reply.read()
     status, reply = post(json.dumps({"inputs": images.astype(float).tolist()}).encode())  # 12.0 is 12
     assert status == 200 and [p["class"] for p in reply["predictions"]] == [p["class"] for p in predictions]
     # Image files, base64-encoded, in both forms: the same answer as their decoded pixels.
@@ -179,6 +185,10 @@ def test_predict_command_classifies_files_and_folders(chain, tmp_path, capsys):
     assert len(rows) == 5 and [r["class"] for r in rows if r["error"]] == [""]
     code = cli(["predict", "--model", "models:/no-such-model@champion", str(single)])
     assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
+    code = cli(["predict", "--model", f"models:/tiny-onnx@{C.CANDIDATE_ALIAS}", "--csv", str(tmp_path), str(folder)])
+    assert code == 2 and f"--csv {tmp_path} is a folder" in capsys.readouterr().err  # before any work
+    (tmp_path / "empty").mkdir()
+    assert cli(["payload", str(tmp_path / "empty")]) == 2 and "no image files" in capsys.readouterr().err
 
 
 def test_predict_step_scores_an_archive_and_a_folder_in_runs_of_their_own(chain, archive, tmp_path, capsys):
