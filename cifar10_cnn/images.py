@@ -19,6 +19,10 @@ import numpy as np
 
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_PIXELS = 40_000_000  # width x height; a 40-megapixel photo passes, a decompression bomb does not
+# A served request decodes at most this many pixels in all (width x height before resizing, about 20
+# phone photos): 1,024 small files that each pass MAX_PIXELS would otherwise keep a worker decoding for
+# minutes after the client's timeout.
+MAX_REQUEST_PIXELS = 250_000_000
 SIZE = (32, 32)  # width, height the networks take
 # What photos and image files come as. Pillow reads more (DDS, EPS through Ghostscript, FITS, ...): formats
 # nobody sends a classifier, each a decoder more for a hostile file to reach.
@@ -29,9 +33,23 @@ class UnreadableImage(ValueError):
     """This image cannot be turned into a model input; the message says why."""
 
 
-def decode(data: bytes, name: str) -> np.ndarray:
-    """Decode one encoded image (PNG, JPEG, anything Pillow reads) into uint8 `[32, 32, 3]`: EXIF-rotated,
-    RGB, resized with Pillow's antialiased bilinear filter. `name` says which image, in errors."""
+class PixelBudget:
+    """What one request may decode in all: each image's pixels are taken from it before it is decoded."""
+
+    def __init__(self):
+        self.pixels = self.left = MAX_REQUEST_PIXELS
+
+    def spend(self, width: int, height: int, name: str) -> None:
+        self.left -= width * height
+        if self.left < 0:
+            raise UnreadableImage(f"{name}: the request's images hold more than {self.pixels:,} pixels in all; "
+                                  "send large images in smaller requests")
+
+
+def decode(data: bytes, name: str, budget: PixelBudget | None = None) -> np.ndarray:
+    """Decode one encoded image (one of FORMATS) into uint8 `[32, 32, 3]`: EXIF-rotated, 8-bit RGB,
+    resized with Pillow's antialiased bilinear filter. `name` says which image, in errors; `budget`, if
+    given, pays for its pixels before they are decoded."""
     from PIL import Image, ImageOps
 
     if not data:
@@ -48,6 +66,8 @@ def decode(data: bytes, name: str) -> np.ndarray:
                 if width * height > MAX_PIXELS:
                     raise UnreadableImage(f"{name}: {width}x{height} pixels is more than the {MAX_PIXELS:,} "
                                           "allowed (a decompression bomb?)")
+                if budget is not None:
+                    budget.spend(width, height, name)
                 image = eight_bit(ImageOps.exif_transpose(image), name)
                 rgb = image.convert("RGB")  # palette, grey, RGBA (alpha dropped), CMYK: all to RGB
                 if rgb.size != SIZE:

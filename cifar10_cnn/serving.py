@@ -3,8 +3,8 @@
 Both registered flavors (PyTorch and ONNX) use this module as their pyfunc loader, so
 `mlflow.pyfunc.load_model(...)` and `mlflow models serve` behave the same for both. Two kinds of input:
 
-- encoded images: a column named `image` of image files (PNG, JPEG, anything Pillow reads; any size,
-  mode or EXIF orientation) as base64 strings (a `data:image/...;base64,` prefix is allowed) or bytes;
+- encoded images: a column named `image` of image files (PNG, JPEG and the other images.FORMATS; any
+  size, mode or EXIF orientation) as base64 strings (a `data:image/...;base64,` prefix is allowed) or bytes;
   a DataFrame (`{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`) or a dict
   (`{"inputs": {"image": ["<base64>", ...]}}`). Each is converted by images.decode, exactly as the
   predict command converts a file.
@@ -98,15 +98,17 @@ def check_count(images: int, max_batch: int | None) -> None:
 
 
 def decode_images(encoded: list, max_batch: int | None) -> np.ndarray:
-    """Base64 strings (or bytes) of image files -> uint8 `[N, 32, 32, 3]`; the first bad one is named."""
+    """Base64 strings (or bytes) of image files -> uint8 `[N, 32, 32, 3]`; the first bad one is named. A
+    served request (`max_batch` set) decodes at most images.MAX_REQUEST_PIXELS in all."""
     check_count(len(encoded), max_batch)
+    budget = imagelib.PixelBudget() if max_batch is not None else None
     pixels = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
     for i, item in enumerate(encoded):
-        pixels[i] = decode_one(item, f"{IMAGE_COLUMN} {i}")
+        pixels[i] = decode_one(item, f"{IMAGE_COLUMN} {i}", budget)
     return pixels
 
 
-def decode_one(item, name: str) -> np.ndarray:
+def decode_one(item, name: str, budget=None) -> np.ndarray:
     """One image file, as base64 text (a data URL's prefix and MIME line breaks allowed) or bytes -> uint8
     `[32, 32, 3]`, or InvalidImages naming it `name`."""
     if isinstance(item, str):
@@ -118,7 +120,7 @@ def decode_one(item, name: str) -> np.ndarray:
     elif not isinstance(item, (bytes, bytearray)):
         raise InvalidImages(f"{name}: expected a base64 string of an image file, got {type(item).__name__}")
     try:
-        return imagelib.decode(bytes(item), name)
+        return imagelib.decode(bytes(item), name, budget)
     except imagelib.UnreadableImage as exc:
         raise InvalidImages(str(exc)) from None
 

@@ -259,6 +259,15 @@ def test_bad_uploads_are_refused_naming_the_problem(what, request_, message):
         serving.check_images(request_, max_batch=4)
 
 
+def test_a_request_decodes_a_bounded_number_of_pixels_in_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_REQUEST_PIXELS", 2 * 64 * 64)
+    photo = encoded(save(tmp_path / "photo.png", np.zeros((64, 64, 3), np.uint8)))
+    request_ = pd.DataFrame({"image": [photo] * 3})
+    with pytest.raises(serving.InvalidImages, match="image 2: the request's images hold more than 8,192 pixels"):
+        serving.check_images(request_, max_batch=4)  # served: refused before the third is decoded
+    assert serving.check_images(request_, max_batch=None).shape == (3, 32, 32, 3)  # in-process: the caller's CPU
+
+
 def test_an_uploaded_decompression_bomb_is_refused(tmp_path):
     Image.new("1", (20_000, 20_000)).save(tmp_path / "bomb.png")
     good = save(tmp_path / "ok.png", np.zeros((32, 32, 3), np.uint8))
