@@ -33,7 +33,7 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
-# the same with a coverage report (tracing makes the in-process tests about a third slower)
+# the same with a coverage report (tracing slows the in-process tests: docs/performance.md)
 coverage: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile --cov --cov-report=term-missing:skip-covered -q
 

@@ -2,7 +2,7 @@
 become there.
 
 bf16 pays only where the hardware has bf16 arithmetic: on a CPU without it (AMD Zen 3, Intel before
-Cooper Lake) oneDNN emulates it and training is many times slower than in fp32 (docs/performance.md).
+Cooper Lake) oneDNN emulates it and training is many times slower than in fp32 (docs/models-and-recipes.md).
 So `auto` is a rule on capabilities the device reports, the same answer every time on the same
 machine, never a timing: a run stays reproducible, and the tests pin the rule by handing `decide`
 the capabilities of machines they are not running on.

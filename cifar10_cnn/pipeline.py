@@ -73,7 +73,8 @@ class Steps:
     def evaluate_and_export(self, train_id: str, device: str, tta: str, model_name: str, int8: str) -> tuple[str, str]:
         """(evaluate run id, export run id), the two side by side.
 
-        Both start from the train run, and export waits for evaluate's results only before it registers.
+        Both start from the train run; export waits for evaluate's results (its logits, its metrics) only
+        before its parity checks, the INT8 timing and registration.
         Each step spends seconds starting (imports, the store), which the cores overlap. Each gets half
         the cores, and takes them all once the other has nothing left to compute (cores.py). MLflow's
         active run is per thread, so the parent run is made active in evaluate's thread too, and evaluate

@@ -1,5 +1,5 @@
 """PNG figures for run artifacts. Uses matplotlib's object API (no pyplot), so no global backend state,
-imported only when a figure is drawn (a third of a second a process)."""
+imported only when a figure is drawn (its import costs every process that would not draw one)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _figure(**kwargs) -> Figure:
 
 def mosaic(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarray:
     """uint8 NCHW images laid out row by row into one white-gapped HWC picture (missing cells stay white):
-    one imshow instead of a subplot per image, which costs matplotlib about a second for 80 images."""
+    one imshow instead of a subplot per image, which matplotlib draws several times slower."""
     _, c, h, w = images.shape
     out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, dtype=np.uint8)
     for k, image in enumerate(images[: rows * cols]):
@@ -30,7 +30,7 @@ def mosaic(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarray
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, class_names, per_class: int = 8, scale: int = 3):
     """One row per class, the first `per_class` images of each enlarged `scale` times, the class name
-    on the left; images uint8 NCHW. A Pillow image, so ingest needs no matplotlib (half a second)."""
+    on the left; images uint8 NCHW. A Pillow image, so ingest needs no matplotlib (docs/performance.md)."""
     from PIL import Image, ImageDraw, ImageFont
 
     n_classes = len(class_names)
