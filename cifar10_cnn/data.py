@@ -116,9 +116,10 @@ def _read_archive(path: Path, splits: tuple[str, ...]) -> dict[str, bytes]:
                 bar(total=len(wanted), desc="read archive", unit="file") as pbar:
             for member in tar:
                 _check_member(member, path)
-                if member.name not in wanted or not member.isfile():
+                name = member.name.removeprefix("./")  # `tar czf x.tar.gz ./cifar-10-batches-bin` writes ./
+                if name not in wanted or not member.isfile():
                     continue
-                short = wanted[member.name]
+                short = wanted[name]
                 if short in found:
                     raise UserError(f"data: {path} holds {member.name} twice")
                 limit = _MAX_META_BYTES if short == C.META_FILE else _MAX_BATCH_RECORDS * C.RECORD_BYTES

@@ -75,13 +75,18 @@ def check_images(data, max_batch: int | None) -> np.ndarray:
         array = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise InvalidImages(f"images are not a regular [N, 32, 32, 3] array: {exc}") from None
+    if array.dtype.kind in "USO":
+        raise InvalidImages("pixel values must be integers 0..255, got text; image files go base64-encoded "
+                            f'under a name: {{"inputs": {{"{IMAGE_COLUMN}": ["<base64>", ...]}}}}')
     if array.dtype.kind not in "uif":
         raise InvalidImages(f"pixel values must be integers 0..255, got {array.dtype} values")
     if array.ndim != 4 or array.shape[1:] != IMAGE_SHAPE:
         raise InvalidImages(f"images must have shape [N, 32, 32, 3] (NHWC RGB), got {list(array.shape)}")
     check_count(len(array), max_batch)
     if array.dtype != np.uint8:
-        if array.dtype.kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidImages("pixel values must be integers 0..255, got NaN or infinity")
+        if array.dtype.kind == "f" and not (array == np.round(array)).all():
             raise InvalidImages("pixel values must be integers 0..255; got fractions (normalized floats?). "
                                 "Send raw pixels; the model normalizes them itself")
         if array.min() < 0 or array.max() > 255:

@@ -124,6 +124,12 @@ def test_a_long_name_header_claiming_gigabytes_is_refused_before_it_is_read(tmp_
         read(path)
 
 
+def test_an_archive_packed_with_a_leading_dot_slash_is_read(tmp_path):  # tar czf x ./cifar-10-batches-bin
+    dataset = read(synthetic.write_archive(tmp_path / "a.tar.gz", synthetic.batch_files(), prefix=f"./{C.BATCH_DIR}"),
+                   expected=None)
+    assert len(dataset.train_labels) > 0 and len(dataset.test_labels) > 0
+
+
 def test_meta_with_wrong_number_of_classes(tmp_path):
     files = synthetic.batch_files()
     files[C.META_FILE] = b"cat\ndog\n"

@@ -199,7 +199,8 @@ def test_long_error_messages_are_cut_and_keep_what_went_wrong():
     (np.zeros((1, 3, 32, 32), np.uint8), "shape [N, 32, 32, 3]"),
     (np.zeros((0, 32, 32, 3), np.uint8), "between 1 and 8 images"),
     (np.zeros((9, 32, 32, 3), np.uint8), "between 1 and 8 images"),
-    (np.array([["a"]]), "integers 0..255"),
+    (np.array([["a"]]), "integers 0..255, got text; image files go base64-encoded under a name"),
+    (np.full((1, 32, 32, 3), np.nan), "got NaN or infinity"),
     (pd.DataFrame({"x": [1]}), "exactly one column, 'image'"),
     ({"pixels": np.zeros((1, 32, 32, 3))}, "or 'images' .pixel arrays."),
 ])
