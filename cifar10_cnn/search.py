@@ -171,12 +171,12 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
     client = mlflow.MlflowClient()
     while fits_another(study, job):
         trial = ask(study)
-        # Counted, not numbered: a trial deleted here keeps its number, so numbers can skip one.
-        if sum(t.number < trial.number for t in study.get_trials(deepcopy=False)) >= job["trials"]:
-            client.delete_run(trial._trial_id)  # another worker took the last one meanwhile: this one never ran
-            return
-        client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
-        try:
+        try:  # from here on the trial is never left RUNNING, whatever store request is interrupted
+            # Counted, not numbered: a trial deleted here keeps its number, so numbers can skip one.
+            if sum(t.number < trial.number for t in study.get_trials(deepcopy=False)) >= job["trials"]:
+                client.delete_run(trial._trial_id)  # another worker took the last one meanwhile: it never ran
+                return
+            client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
             value = run_trial(trial, job, dataset, split, worker)
         except optuna.TrialPruned as pruned:
             client.set_tag(trial._trial_id, C.TAG_TRIAL_PRUNED, str(pruned))
