@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import tarfile
 import zlib
@@ -86,18 +87,13 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
         raise UserError(f"{where} is not a regular file or folder; refusing it")
 
 
-_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                     tarfile.SOLARIS_XHDTYPE)
-
-
 class _BoundedHeaders(tarfile.TarInfo):
-    """A member whose long name or pax header says it is larger than any a CIFAR-10 archive has is refused
-    before tarfile reads that header into memory (a few kB of gzip can claim gigabytes)."""
+    """A long-name or pax header larger than 1 MiB is refused before tarfile reads it into memory (a few kB
+    of gzip can claim gigabytes); `_proc_member` is the hook tarfile calls per header (CPython 3.8-3.14)."""
 
-    MAX_HEADER_BYTES = 2**20
-
-    def _proc_member(self, tar):  # the hook tarfile calls per header block (CPython 3.8-3.14)
-        if self.type in _EXTENDED_HEADERS and self.size > self.MAX_HEADER_BYTES:
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > 2**20:
             raise tarfile.HeaderError(f"an extended header of {self.size:,} bytes; refusing a hostile archive")
         return super()._proc_member(tar)
 
@@ -196,7 +192,8 @@ def _class_names(raw: bytes, where: str) -> tuple[str, ...]:
             f"data: {where}/{C.META_FILE} should list {C.NUM_CLASSES} distinct class names, found {len(names)}"
         )
     # They become parts of metric names (test_accuracy_<name>, count_<name>): what MLflow takes there.
-    if bad := next((n for n in names if not re.fullmatch(r"[A-Za-z0-9_\-. :/]{1,100}", n)), None):
+    if bad := next((n for n in names if not re.fullmatch(r"[A-Za-z0-9_\-. :/]{1,100}", n)
+                    or posixpath.normpath(f"m_{n}") != f"m_{n}"), None):  # MLflow refuses x/, a//b, a/../b
         raise UserError(f"data: {where}/{C.META_FILE} names a class {bad!r}: class names may hold only letters, "
                         "digits, spaces and _ - . : /")
     return names

@@ -19,10 +19,10 @@ import numpy as np
 
 MAX_FILE_BYTES = 50 * 2**20  # larger files are refused before they are read
 MAX_PIXELS = 40_000_000  # width x height; a 40-megapixel photo passes, a decompression bomb does not
-# A served request decodes at most this many pixels in all (width x height before resizing, about 20
-# phone photos): 1,024 small files that each pass MAX_PIXELS would otherwise keep a worker decoding for
-# minutes after the client's timeout.
-MAX_REQUEST_PIXELS = 250_000_000
+# A served request decodes at most this many pixels in all (width x height before resizing: 1,024 VGA
+# photos, about 80 from a phone; seconds of decoding): 1,024 small files that each pass MAX_PIXELS would
+# otherwise keep a worker decoding for minutes after the client's timeout.
+MAX_REQUEST_PIXELS = 1_000_000_000
 SIZE = (32, 32)  # width, height the networks take
 # What photos and image files come as. Pillow reads more (DDS, EPS through Ghostscript, FITS, ...): formats
 # nobody sends a classifier, each a decoder more for a hostile file to reach.
@@ -84,9 +84,10 @@ def decode(data: bytes, name: str, budget: PixelBudget | None = None) -> np.ndar
 
 
 def eight_bit(image, name: str):
-    """16- and 32-bit integer grey images scaled to 8 bits (0..65535 -> 0..255), as a viewer shows them:
-    Pillow's convert would clip them, most 16-bit pixels to white. Float images have no range to scale
-    from, so they are refused."""
+    """16- and 32-bit integer grey images scaled to 8 bits over their type's range (0..65535 -> 0..255;
+    signed ones shifted first), as a viewer shows them: Pillow's convert would clip them, most pixels to
+    white. A 32-bit image holding only 0..65535 (how some 16-bit files open) is taken as 16-bit. Float
+    images have no range to scale from, so they are refused."""
     from PIL import Image
 
     if image.mode == "F":
@@ -94,7 +95,13 @@ def eight_bit(image, name: str):
     if image.mode != "I" and not image.mode.startswith("I;16"):
         return image
     pixels = np.asarray(image).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(pixels / 257), 0, 255).astype(np.uint8), "L")
+    if image.mode == "I" and pixels.min() < 0:  # int32, signed values
+        low, high = -(2.0**31), 2.0**31 - 1
+    elif image.mode == "I":  # int32: 16-bit values in it, or the positive range
+        low, high = 0.0, 65535.0 if pixels.max() <= 65535 else 2.0**31 - 1
+    else:
+        low, high = (-32768.0, 32767.0) if image.mode.endswith("S") else (0.0, 65535.0)
+    return Image.fromarray(np.clip(np.rint((pixels - low) * 255 / (high - low)), 0, 255).astype(np.uint8), "L")
 
 
 def load(path: Path) -> np.ndarray:

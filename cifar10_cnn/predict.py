@@ -96,6 +96,9 @@ def write_csv(results: list[Result], class_names: list[str], dest: Path) -> None
 def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
     """The command: prints one line per file; returns 0 when every file was classified, else 1."""
     quiet_mlflow_bars_unless_interactive()
+    if Path(csv_path).is_dir() and any(Path(given).is_dir() for given in inputs):  # before any download
+        print(f"error: predict: --csv {csv_path} is a folder; give a file name", file=sys.stderr)
+        return 2
     try:
         pyfunc = load_model(model_uri)
     except UserError as exc:
@@ -106,9 +109,6 @@ def run(model_uri: str, inputs: list[str], csv_path: str) -> int:
     paths = [p for given in inputs for p in imagelib.files_under(Path(given))]
     if not paths:
         print("error: predict: no files to classify", file=sys.stderr)
-        return 2
-    if Path(csv_path).is_dir():
-        print(f"error: predict: --csv {csv_path} is a folder; give a file name", file=sys.stderr)
         return 2
     results = classify(paths, pyfunc.predict)
     for r in results:

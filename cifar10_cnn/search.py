@@ -170,11 +170,11 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
     split = held_out(dataset.train_labels, job)
     client = mlflow.MlflowClient()
     while fits_another(study, job):
-        trial = ask(study)
+        trial = studies.ask(study)
         try:  # from here on the trial is never left RUNNING, whatever store request is interrupted
-            # Counted, not numbered: a trial deleted here keeps its number, so numbers can skip one.
-            if sum(t.number < trial.number for t in study.get_trials(deepcopy=False)) >= job["trials"]:
-                client.delete_run(trial._trial_id)  # another worker took the last one meanwhile: it never ran
+            before = studies.trials_before(study, trial)
+            if before is None or before >= job["trials"]:  # closed, or another worker took the last one
+                studies.delete_trial(study, trial)
                 return
             client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
             value = run_trial(trial, job, dataset, split, worker)
@@ -189,26 +189,6 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
             raise
         else:
             study.tell(trial, value)
-
-
-def ask(study: optuna.Study) -> optuna.Trial:
-    """study.ask(), one process of this machine at a time. MLflow's storage numbers a trial by where its
-    timestamped `trial_id` metric falls in the study run's history, read back just after writing it, so two
-    processes asking in the same instant can both read 0 (it happened in CI with -P workers=2). Under the
-    lock, and with the clock past this trial's millisecond before letting go, each trial lands after the last.
-    """
-    import hashlib
-    import tempfile
-    import time
-    from pathlib import Path
-
-    from filelock import FileLock
-
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{study.study_name}".encode()).hexdigest()[:16]
-    with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
-        trial = study.ask()
-        time.sleep(0.005)
-    return trial
 
 
 def training_images(job: dict):
@@ -282,17 +262,6 @@ def fits_another(study: optuna.Study, job: dict) -> bool:
         return time.time() < job["deadline"]
     winner = took[-1] * 1.15 + PIPELINE_RESERVE_S  # every training image, not 90 % of them; then its steps
     return time.time() + took[len(took) // 2] + winner < job["deadline"]
-
-
-def wait_for_trials(study: optuna.Study, poll_s: float = 2.0) -> list:
-    """Every trial, once none is RUNNING (other workers' included)."""
-    import time
-
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        if not any(t.state.name == "RUNNING" for t in trials):
-            return trials
-        time.sleep(poll_s)
 
 
 def budget_note(total: int, trials: int, budget_minutes: float) -> str:

@@ -75,7 +75,7 @@ def check_images(data, max_batch: int | None) -> np.ndarray:
         array = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise InvalidImages(f"images are not a regular [N, 32, 32, 3] array: {exc}") from None
-    if array.dtype.kind in "USO":
+    if array.dtype.kind in "US":
         raise InvalidImages("pixel values must be integers 0..255, got text; image files go base64-encoded "
                             f'under a name: {{"inputs": {{"{IMAGE_COLUMN}": ["<base64>", ...]}}}}')
     if array.dtype.kind not in "uif":

@@ -24,6 +24,7 @@ DIRECTION = "maximize"  # the held-out accuracy
 TAG_OWNER_RUN = "cifar10.study.owner_run_id"  # study run: the tune run that trains the winner
 TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of that tune run's process
 TAG_SETTINGS = "cifar10.study.settings"  # study run: what makes its trials comparable (JSON), set by its maker
+TAG_DELETED_TRIAL = "cifar10.study.deleted_trial."  # study run: + number, a trial asked for beyond `trials`
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,25 @@ def is_open(study) -> bool:
     return mlflow.MlflowClient().get_run(study._study_id).info.status == "RUNNING"
 
 
+def trials_before(study, trial) -> int:
+    """How many trials the study held before `trial`, deleted ones not counted, or None when the study
+    has closed meanwhile. From the trial's number (MLflow's storage writes what numbers a trial at once)
+    less the numbers deleted before it; not by listing trials, whose runs the storage tags as the study's
+    only when it next flushes, up to half a second later."""
+    study_run = mlflow.MlflowClient().get_run(study._study_id)
+    if study_run.info.status != "RUNNING":
+        return None
+    deleted = [int(k[len(TAG_DELETED_TRIAL):]) for k in study_run.data.tags if k.startswith(TAG_DELETED_TRIAL)]
+    return trial.number - sum(n < trial.number for n in deleted)
+
+
+def delete_trial(study, trial) -> None:
+    """Remove a trial that never ran (one too many), keeping its number taken for trials_before."""
+    client = mlflow.MlflowClient()
+    client.set_tag(study._study_id, f"{TAG_DELETED_TRIAL}{trial.number}", trial._trial_id)
+    client.delete_run(trial._trial_id)
+
+
 def close(study_run_id: str, status: str) -> None:
     """End the study run (FINISHED, FAILED or KILLED): the workers of other processes stop asking for trials."""
     mlflow.MlflowClient().set_terminated(study_run_id, status)
@@ -116,3 +136,34 @@ def close(study_run_id: str, status: str) -> None:
 def _own(client, study_run_id: str, tune_run_id: str) -> None:
     client.set_tag(study_run_id, TAG_OWNER_RUN, tune_run_id)
     client.set_tag(study_run_id, TAG_OWNER_PROCESS, this_process())
+
+
+def ask(study):
+    """study.ask(), one process of this machine at a time. MLflow's storage numbers a trial by where its
+    timestamped `trial_id` metric falls in the study run's history, read back just after writing it, so two
+    processes asking in the same instant can both read 0 (it happened in CI with -P workers=2). Under the
+    lock, and with the clock past this trial's millisecond before letting go, each trial lands after the last.
+    """
+    import hashlib
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{study.study_name}".encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
+        trial = study.ask()
+        time.sleep(0.005)
+    return trial
+
+
+def wait_for_trials(study, poll_s: float = 2.0) -> list:
+    """Every trial, once none is RUNNING (other workers' included)."""
+    import time
+
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state.name == "RUNNING" for t in trials):
+            return trials
+        time.sleep(poll_s)

@@ -7,6 +7,7 @@ machines on the same tracking server join it with the same command. Trials never
 test accuracy is measured once, on the final model.
 """
 
+import contextlib
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -36,7 +37,7 @@ def run(**raw: str) -> None:
     # or the budget could not fit another trial and the winner's training.
     base = recipes.RECIPES[p["recipe"]]
     job = {"ingest_run_id": ingest_id, "recipe": p["recipe"], "space": p["space_text"], "study": p["study"],
-           "space_key": search.key(p["space"]),
+           "space_key": search.key(p["space"]), "data_sha256": mlflow.get_run(ingest_id).data.tags[C.TAG_SHA256],
            "tune_run_id": tune_run.info.run_id, "experiment_id": tune_run.info.experiment_id,
            "trials": p["trials"], "deadline": started + 60 * p["budget_minutes"], "validation": p["validation"],
            "seed": p["seed"], "device": p["device"], "workers": p["workers"]}
@@ -52,10 +53,11 @@ def run(**raw: str) -> None:
         if opened.role == "worker":  # the study's owner trains the winner
             say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
             return
-        finished = search.wait_for_trials(opened.study)
+        finished = studies.wait_for_trials(opened.study)
     except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
         if opened.role != "worker":
-            studies.close(opened.study_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            with contextlib.suppress(Exception):  # the store may be what failed: report the first error
+                studies.close(opened.study_run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     studies.close(opened.study_run_id, "FINISHED")
     summary = search.summary(finished)
@@ -126,7 +128,8 @@ def check(raw: dict) -> dict:
 
 
 def open_study(job: dict, worker: int) -> studies.Opened:
-    settings = {"recipe": job["recipe"], "space": job["space_key"], "validation": job["validation"]}
+    settings = {"recipe": job["recipe"], "space": job["space_key"], "validation": job["validation"],
+                "data_sha256": job["data_sha256"]}
     return studies.open_study(job["study"], job["tune_run_id"], job["experiment_id"],
                               lambda before: search.sampler(job["seed"], job["trials"], worker, before),
                               search.pruner(), settings)

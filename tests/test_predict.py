@@ -38,6 +38,9 @@ def test_16_bit_images_are_scaled_to_8_bits_and_float_ones_refused(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     pixels = images.load(tmp_path / "ramp.png")
     assert 120 < pixels.mean() < 135 and pixels.min() < 10 and pixels.max() > 245  # not clipped to white
+    for ramp32 in (np.linspace(0, 2**31 - 1, 64 * 64), np.linspace(-(2**31), 2**31 - 1, 64 * 64)):  # 32-bit
+        Image.fromarray(ramp32.reshape(64, 64).astype(np.int32)).save(tmp_path / "ramp.tiff")
+        assert 120 < images.load(tmp_path / "ramp.tiff").mean() < 135
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(images.UnreadableImage, match="a floating-point image"):
         images.load(tmp_path / "float.tiff")

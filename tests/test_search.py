@@ -77,7 +77,7 @@ def job(store, archive):
     tune_run = client.create_run("0", tags={C.TAG_STEP: "tune"}).info.run_id
     return {"ingest_run_id": only_run("ingest").info.run_id, "recipe": "seed", "study": "unit",
             "space": "learning_rate=0.0000001:1000000000:log,epochs=2:3", "space_key": "the space",
-            "tune_run_id": tune_run,
+            "data_sha256": "the data", "tune_run_id": tune_run,
             "experiment_id": "0", "trials": 5, "deadline": float("inf"), "validation": 50, "seed": 0,
             "device": "cpu", "workers": 1}
 
@@ -171,7 +171,7 @@ def test_a_study_counts_its_trials_and_stops_when_its_owner_closes_it(job, monke
     monkeypatch.setattr(search, "run_trial", lambda trial, *args: 0.5)
     study = opened(job).study
     study.tell(study.ask(), 0.4)
-    MlflowClient().delete_run(study.ask()._trial_id)  # one too many (another worker's): its number stays taken
+    studies.delete_trial(study, study.ask())  # one too many (another worker's): its number stays taken
     search.work(study, {**job, "trials": 2}, worker=0)
     assert sorted(t.number for t in study.get_trials()) == [0, 2]  # two trials, though numbered 0 and 2
     studies.close(study._study_id, "FINISHED")  # the owner chose its winner: no worker asks for more
@@ -184,7 +184,8 @@ def test_joining_a_study_takes_the_settings_it_was_made_with(job):
     owner = opened(job)
     for changed, message in [({"recipe": "fast"}, "was made with recipe=seed; this run has recipe=fast"),
                              ({"space_key": "epochs=2:4"}, "was made with space=the space"),
-                             ({"validation": 100}, "was made with validation=50; this run has validation=100")]:
+                             ({"validation": 100}, "was made with validation=50; this run has validation=100"),
+                             ({"data_sha256": "other data"}, "was made with data_sha256=the data")]:
         joiner = MlflowClient().create_run("0").info.run_id
         with pytest.raises(UserError, match=message):
             opened({**job, **changed, "tune_run_id": joiner})
@@ -207,9 +208,11 @@ def test_when_the_search_stops_its_worker_processes_stop_too(job, tmp_path, monk
     started, finished = tmp_path / "started", tmp_path / "finished"
 
     def interrupted(study, job, worker, dataset=None):  # Ctrl-C in this process, the other one mid-trial
-        while not started.exists():
+        for _ in range(600):
+            if started.exists():
+                raise KeyboardInterrupt
             time.sleep(0.05)
-        raise KeyboardInterrupt
+        raise AssertionError("the worker process never started")
 
     monkeypatch.setattr(tune, "work", slow_worker)
     monkeypatch.setattr(search, "work", interrupted)

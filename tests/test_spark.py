@@ -100,7 +100,8 @@ def test_a_search_runs_its_trials_as_spark_tasks(chain, spark):
                              pruner=search.pruner(), direction="maximize")
 
     def objective(trial):  # runs on an executor: the data comes from the tracking store, like every step's
-        return search.run_trial(trial, job, tracking.dataset_of(job["ingest_run_id"], ("train",)), worker=0)
+        dataset = tracking.dataset_of(job["ingest_run_id"], ("train",))
+        return search.run_trial(trial, job, dataset, search.held_out(dataset.train_labels, job), worker=0)
 
     study.optimize(objective, n_trials=2, n_jobs=2)
     trials = study.trials
