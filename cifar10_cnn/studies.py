@@ -25,6 +25,7 @@ TAG_OWNER_RUN = "cifar10.study.owner_run_id"  # study run: the tune run that tra
 TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of that tune run's process
 TAG_SETTINGS = "cifar10.study.settings"  # study run: what makes its trials comparable (JSON), set by its maker
 TAG_DELETED_TRIAL = "cifar10.study.deleted_trial."  # study run: + number, a trial asked for beyond `trials`
+TAG_NO_NEW_TRIALS = "cifar10.study.no_new_trials"  # study run: its owner is done asking (its budget or trials)
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,24 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pru
     _own(client, existing, tune_run_id)
     if study_run.info.status != "RUNNING":  # its owner failed (or chose a winner): open again
         client.update_run(existing, status="RUNNING")
+    if TAG_NO_NEW_TRIALS in study_run.data.tags:
+        client.delete_tag(existing, TAG_NO_NEW_TRIALS)
     return Opened(study, existing, "resumer", len(stale))
 
 
+def _open(study_run) -> bool:
+    return study_run.info.status == "RUNNING" and TAG_NO_NEW_TRIALS not in study_run.data.tags
+
+
 def is_open(study) -> bool:
-    """Whether the study still takes trials: its run ends when the owner has its winner, or failed."""
-    return mlflow.MlflowClient().get_run(study._study_id).info.status == "RUNNING"
+    """Whether the study still takes trials: not once its owner is done asking (its budget or its trials
+    are spent: a worker that joined later must not keep the owner waiting), nor once its run has ended."""
+    return _open(mlflow.MlflowClient().get_run(study._study_id))
+
+
+def take_no_new_trials(study, why: str) -> None:
+    """The owner is done asking: workers of other processes finish their trial and stop."""
+    mlflow.MlflowClient().set_tag(study._study_id, TAG_NO_NEW_TRIALS, why)
 
 
 def trials_before(study, trial) -> int:
@@ -115,7 +128,7 @@ def trials_before(study, trial) -> int:
     less the numbers deleted before it; not by listing trials, whose runs the storage tags as the study's
     only when it next flushes, up to half a second later."""
     study_run = mlflow.MlflowClient().get_run(study._study_id)
-    if study_run.info.status != "RUNNING":
+    if not _open(study_run):
         return None
     deleted = [int(k[len(TAG_DELETED_TRIAL):]) for k in study_run.data.tags if k.startswith(TAG_DELETED_TRIAL)]
     return trial.number - sum(n < trial.number for n in deleted)

@@ -53,6 +53,7 @@ def run(**raw: str) -> None:
         if opened.role == "worker":  # the study's owner trains the winner
             say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
             return
+        studies.take_no_new_trials(opened.study, f"owner run {tune_run.info.run_id} is done asking")
         finished = studies.wait_for_trials(opened.study)
     except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
         if opened.role != "worker":

@@ -167,16 +167,19 @@ def test_every_trial_is_scored_on_the_same_held_out_images(job, monkeypatch):
     assert sorted(s for s, _, _ in seen) == [1, 2] and seen[0][1:] == seen[1][1:]
 
 
-def test_a_study_counts_its_trials_and_stops_when_its_owner_closes_it(job, monkeypatch):
+def test_a_study_counts_its_trials_and_stops_when_its_owner_is_done_asking(job, monkeypatch):
     monkeypatch.setattr(search, "run_trial", lambda trial, *args: 0.5)
     study = opened(job).study
     study.tell(study.ask(), 0.4)
     studies.delete_trial(study, study.ask())  # one too many (another worker's): its number stays taken
     search.work(study, {**job, "trials": 2}, worker=0)
     assert sorted(t.number for t in study.get_trials()) == [0, 2]  # two trials, though numbered 0 and 2
-    studies.close(study._study_id, "FINISHED")  # the owner chose its winner: no worker asks for more
+    studies.take_no_new_trials(study, "the owner's budget is spent")  # it only waits: no worker asks for more
     search.work(study, {**job, "trials": 5}, worker=0)
     assert len(study.get_trials()) == 2
+    MlflowClient().set_terminated(job["tune_run_id"], "KILLED")  # the owner died; a resumer opens it again
+    again = opened({**job, "tune_run_id": MlflowClient().create_run("0").info.run_id})
+    assert again.role == "resumer" and studies.is_open(again.study)
     assert search.sampler(2**32 - 1, 4, worker=1, before=3)  # seeds past numpy's range wrap instead of failing
 
 
