@@ -94,7 +94,7 @@ def eight_bit(image, name: str):
         raise UnreadableImage(f"{name}: a floating-point image (mode F); save it with 8 or 16 bits per channel")
     if image.mode != "I" and not image.mode.startswith("I;16"):
         return image
-    pixels = np.asarray(image).astype(np.float64)
+    pixels = np.asarray(image).astype(np.float32)  # float64 would take 320 MB at MAX_PIXELS
     if image.mode == "I" and pixels.min() < 0:  # int32, signed values
         low, high = -(2.0**31), 2.0**31 - 1
     elif image.mode == "I":  # int32: 16-bit values in it, or the positive range

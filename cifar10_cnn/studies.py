@@ -122,7 +122,7 @@ def take_no_new_trials(study, why: str) -> None:
     mlflow.MlflowClient().set_tag(study._study_id, TAG_NO_NEW_TRIALS, why)
 
 
-def trials_before(study, trial) -> int:
+def trials_before(study, trial) -> int | None:
     """How many trials the study held before `trial`, deleted ones not counted, or None when the study
     has closed meanwhile. From the trial's number (MLflow's storage writes what numbers a trial at once)
     less the numbers deleted before it; not by listing trials, whose runs the storage tags as the study's

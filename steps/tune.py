@@ -138,7 +138,8 @@ def open_study(job: dict, worker: int) -> studies.Opened:
 
 def search_with_workers(opened: studies.Opened, job: dict, dataset) -> None:
     """This process and `workers - 1` more ask the study for trials. When this one stops (Ctrl-C, SIGTERM, a
-    failure), the others are stopped too, each marking its trial FAILED, instead of searching on unseen."""
+    failure), the others are terminated too (a trial they were training ends FAILED) instead of searching on
+    unseen."""
     if job["workers"] == 1:
         search.work(opened.study, job, worker=0, dataset=dataset)
         return
