@@ -177,18 +177,21 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
                 studies.delete_trial(study, trial)
                 return
             client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
-            value = run_trial(trial, job, dataset, split, worker)
+            with studies.beating(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT):
+                value = run_trial(trial, job, dataset, split, worker)
+        # skip_if_finished: an owner that heard no heartbeat for studies.STALE_S (this machine was cut off)
+        # has marked the trial FAILED already, and that stands
         except optuna.TrialPruned as pruned:
             client.set_tag(trial._trial_id, C.TAG_TRIAL_PRUNED, str(pruned))
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         except training.Diverged as exc:  # a NaN loss fails this trial, and the search goes on
             client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, str(exc))
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt here) or a bug: never left RUNNING
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
         else:
-            study.tell(trial, value)
+            study.tell(trial, value, skip_if_finished=True)
 
 
 def training_images(job: dict):

@@ -7,12 +7,20 @@ trains its winner; a tune run started with the same study name while the owner i
 (trials only); one started after the owner died (Ctrl-C, SIGTERM, SIGKILL, a lost machine) resumes: the
 trials the dead process left RUNNING are marked FAILED, the finished ones are kept, and it takes over.
 Joining or resuming takes the settings the study was made with (recipe, space, held-out images).
+
+A process tells a live owner or trial from a lost one by its heartbeat: the owner and every trial's process
+tag their run with the time every BEAT_S seconds, and one silent for STALE_S is taken as gone (on the same
+machine, at once when its process id has ended). So a worker machine that dies mid-trial does not keep the
+owner waiting for good, and a study whose owner's machine died can be resumed from another machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import mlflow
@@ -26,6 +34,13 @@ TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of th
 TAG_SETTINGS = "cifar10.study.settings"  # study run: what makes its trials comparable (JSON), set by its maker
 TAG_DELETED_TRIAL = "cifar10.study.deleted_trial."  # study run: + number, a trial asked for beyond `trials`
 TAG_NO_NEW_TRIALS = "cifar10.study.no_new_trials"  # study run: its owner is done asking (its budget or trials)
+TAG_OWNER_HEARTBEAT = "cifar10.study.owner_heartbeat"  # study run: when its owner last beat (Unix seconds)
+TAG_TRIAL_PROCESS = "cifar10.trial.process"  # trial run: 'host:pid' of the process that runs it
+TAG_TRIAL_HEARTBEAT = "cifar10.trial.heartbeat"  # trial run: when that process last beat (Unix seconds)
+# A beat costs one tag write; a process silent for STALE_S (eight beats missed) is gone, which is how long a
+# lost worker machine keeps the owner waiting. Machines' clocks must agree to well within it (NTP).
+BEAT_S = 15.0
+STALE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,19 +62,63 @@ def this_process() -> str:
 
 
 def owner_alive(study_run) -> bool:
-    """Whether the tune run that owns the study still works on it. A RUNNING owner on another machine is
-    taken to be alive; on this machine, its process must still exist (a SIGKILLed run stays RUNNING)."""
+    """Whether the tune run that owns the study still works on it: RUNNING (a SIGKILLed or lost run stays
+    RUNNING, so also) with its process alive by its heartbeat."""
     owner = study_run.data.tags.get(TAG_OWNER_RUN)
     if not owner:
         return False
     if mlflow.get_run(owner).info.status != "RUNNING":
         return False
-    host, _, pid = study_run.data.tags.get(TAG_OWNER_PROCESS, "").rpartition(":")
-    if host != socket.gethostname():
-        return True
+    return lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT) is None
+
+
+def lost(run, process_key: str, heartbeat_key: str) -> str | None:
+    """Why the process named by `run`'s tag `process_key` no longer works on it, or None while it may: on
+    this machine its process id has ended; on any, its heartbeat (before the first one, the run's start)
+    is over STALE_S old."""
     import psutil
 
-    return pid.isdigit() and psutil.pid_exists(int(pid))
+    process = run.data.tags.get(process_key, "")
+    host, _, pid = process.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        return f"its process {process} has ended"
+    age = time.time() - float(run.data.tags.get(heartbeat_key) or run.info.start_time / 1000)
+    if age > STALE_S:
+        return f"no heartbeat from {process or 'its process'} for {age:.0f} s (over {STALE_S:g} s)"
+    return None
+
+
+@contextlib.contextmanager
+def beating(run_id: str, heartbeat_key: str):
+    """While the block runs, tag run `run_id` with the time every BEAT_S seconds, from a thread (training
+    releases the GIL in torch's kernels). A failed write is retried at the next beat, never raised."""
+    client, stop = mlflow.MlflowClient(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_S):
+            with contextlib.suppress(Exception):  # the store may be out for a moment: the next beat retries
+                client.set_tag(run_id, heartbeat_key, f"{time.time():.0f}")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat of run {run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_lost(study) -> int:
+    """Mark FAILED each RUNNING trial whose process is lost (see `lost`), tagging why; how many."""
+    import optuna
+
+    client, failed = mlflow.MlflowClient(), 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if why := lost(client.get_run(trial._trial_id), TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT):
+            client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, f"lost: {why}")
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            failed += 1
+    return failed
 
 
 def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pruner, settings: dict) -> Opened:
@@ -96,15 +155,13 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pru
     study = optuna.load_study(study_name=name, storage=store, sampler=sampler_for(before), pruner=pruner)
     if owner_alive(study_run):
         return Opened(study, existing, "worker")
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in stale:  # their process is gone: they will never report
-        store.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    stale = fail_lost(study)  # the dead owner's trials; a live worker's keep running, and are waited for
     _own(client, existing, tune_run_id)
     if study_run.info.status != "RUNNING":  # its owner failed (or chose a winner): open again
         client.update_run(existing, status="RUNNING")
     if TAG_NO_NEW_TRIALS in study_run.data.tags:
         client.delete_tag(existing, TAG_NO_NEW_TRIALS)
-    return Opened(study, existing, "resumer", len(stale))
+    return Opened(study, existing, "resumer", stale)
 
 
 def _open(study_run) -> bool:
@@ -147,8 +204,12 @@ def close(study_run_id: str, status: str) -> None:
 
 
 def _own(client, study_run_id: str, tune_run_id: str) -> None:
-    client.set_tag(study_run_id, TAG_OWNER_RUN, tune_run_id)
-    client.set_tag(study_run_id, TAG_OWNER_PROCESS, this_process())
+    """Take the study: its owner from now on, alive from this first beat (not the last owner's)."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(study_run_id, tags=[RunTag(TAG_OWNER_RUN, tune_run_id),
+                                         RunTag(TAG_OWNER_PROCESS, this_process()),
+                                         RunTag(TAG_OWNER_HEARTBEAT, f"{time.time():.0f}")])
 
 
 def ask(study):
@@ -159,24 +220,26 @@ def ask(study):
     """
     import hashlib
     import tempfile
-    import time
     from pathlib import Path
 
     from filelock import FileLock
+    from mlflow.entities import RunTag
 
     key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{study.study_name}".encode()).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
         trial = study.ask()
         time.sleep(0.005)
+    mlflow.MlflowClient().log_batch(trial._trial_id, tags=[RunTag(TAG_TRIAL_PROCESS, this_process()),
+                                                           RunTag(TAG_TRIAL_HEARTBEAT, f"{time.time():.0f}")])
     return trial
 
 
 def wait_for_trials(study, poll_s: float = 2.0) -> list:
-    """Every trial, once none is RUNNING (other workers' included)."""
-    import time
-
+    """Every trial, once none is RUNNING (other workers' included). A trial whose process is lost is marked
+    FAILED (`fail_lost`): a worker machine that died mid-trial keeps the owner waiting STALE_S, not for good."""
     while True:
         trials = study.get_trials(deepcopy=False)
         if not any(t.state.name == "RUNNING" for t in trials):
             return trials
+        fail_lost(study)
         time.sleep(poll_s)

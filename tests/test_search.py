@@ -1,7 +1,13 @@
 """The hyperparameter search below the tune step: spaces, the checks before any trial, and the trial loop on a
 real study in the tracking store (trials nested under the study, pruning, a diverging trial, resuming)."""
 
+import signal
+import socket
+import subprocess
+import time
+
 import mlflow
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -86,6 +92,13 @@ def opened(job) -> studies.Opened:
     return tune.open_study(job, worker=0)
 
 
+def ended_pid() -> int:
+    """The id of a process that has ended (what a SIGKILLed one leaves)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_trials_are_runs_under_the_study_with_their_curves_and_no_test_metric(job):
     study = opened(job).study
     # two good trials, then a hopeless one (pruned) and a diverging one (failed); the search goes on past both
@@ -126,7 +139,8 @@ def test_a_search_stops_at_its_trials_and_a_stopped_one_resumes(job, monkeypatch
         search.work(study, {**job, "trials": 3}, worker=0)
     assert sorted(t.state.name for t in study.get_trials()) == ["COMPLETE", "FAIL"]  # never left RUNNING
     MlflowClient().set_terminated(job["tune_run_id"], "KILLED")  # the tune run that owned it ended too
-    study.ask()  # and a trial its process never finished (SIGKILL): RUNNING for good
+    killed = studies.ask(study)  # and a trial whose process was SIGKILLed: RUNNING for good
+    MlflowClient().set_tag(killed._trial_id, studies.TAG_TRIAL_PROCESS, f"{socket.gethostname()}:{ended_pid()}")
     resumed_by = MlflowClient().create_run("0", tags={C.TAG_STEP: "tune"}).info.run_id
     again = opened({**job, "tune_run_id": resumed_by})
     assert again.role == "resumer" and again.stale == 1
@@ -223,3 +237,55 @@ def test_when_the_search_stops_its_worker_processes_stop_too(job, tmp_path, monk
         tune.search_with_workers(studies.Opened(None, "study run", "owner"),
                                  {**job, "workers": 2, "started": str(started), "finished": str(finished)}, None)
     assert not finished.exists()  # stopped, not waited for
+
+
+def test_a_lost_process_is_told_by_its_heartbeat(job, monkeypatch):
+    """A worker machine that died mid-trial does not keep the owner waiting for good, a live one is waited
+    for, and a study whose owner's machine died can be taken over from another machine."""
+    client = MlflowClient()
+    owner = opened(job)
+    silent, beating = studies.ask(owner.study), studies.ask(owner.study)
+    long_ago = f"{time.time() - studies.STALE_S - 1:.0f}"
+    for trial, heartbeat in ((silent, long_ago), (beating, f"{time.time():.0f}")):
+        client.set_tag(trial._trial_id, studies.TAG_TRIAL_PROCESS, "another-machine:42")
+        client.set_tag(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT, heartbeat)
+    assert studies.lost(client.get_run(beating._trial_id), studies.TAG_TRIAL_PROCESS,
+                        studies.TAG_TRIAL_HEARTBEAT) is None  # a live one is waited for
+    owner.study.tell(beating, 0.5)
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the owner waits for a lost trial"))
+    signal.alarm(30)
+    try:
+        trials = studies.wait_for_trials(owner.study, poll_s=0.01)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert {t.number: t.state.name for t in trials} == {silent.number: "FAIL", beating.number: "COMPLETE"}
+    assert client.get_run(silent._trial_id).data.tags[C.TAG_TRIAL_FAILED].startswith(
+        "lost: no heartbeat from another-machine:42 for ")
+
+    # the owner's machine: alive while it beats, taken over once it has been silent for STALE_S
+    client.set_tag(owner.study_run_id, studies.TAG_OWNER_PROCESS, "another-machine:7")
+    assert opened({**job, "tune_run_id": client.create_run("0").info.run_id}).role == "worker"
+    client.set_tag(owner.study_run_id, studies.TAG_OWNER_HEARTBEAT, long_ago)
+    resumer = opened({**job, "tune_run_id": client.create_run("0").info.run_id})
+    assert resumer.role == "resumer"
+    assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_PROCESS] == studies.this_process()
+
+
+def test_a_trial_beats_while_it_trains_and_a_late_result_stands_down(job, monkeypatch):
+    monkeypatch.setattr(studies, "BEAT_S", 0.02)
+    study, client, beats = opened(job).study, MlflowClient(), []
+
+    def trains(trial, *args):  # meanwhile the owner, hearing nothing (a cut-off link), marks the trial FAILED
+        for _ in range(500):
+            beats.append(client.get_run(trial._trial_id).data.tags[studies.TAG_TRIAL_HEARTBEAT])
+            if len(set(beats)) > 1:
+                break
+            time.sleep(0.01)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return 0.9
+
+    monkeypatch.setattr(search, "run_trial", trains)
+    search.work(study, {**job, "trials": 1}, worker=0)  # its late value is dropped, not raised
+    assert len(set(beats)) > 1  # the heartbeat moved on while the trial ran
+    assert [t.state.name for t in study.get_trials()] == ["FAIL"]
