@@ -164,6 +164,7 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
     import optuna
 
     from . import training
+    from .progress import say
 
     if dataset is None:
         dataset = training_images(job)
@@ -179,11 +180,13 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
             client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
             with studies.beating(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT):
                 value = run_trial(trial, job, dataset, split, worker)
-        # skip_if_finished: an owner that heard no heartbeat for studies.STALE_S (this machine was cut off)
-        # has marked the trial FAILED already, and that stands
+        # An owner that heard no heartbeat for studies.STALE_S (this machine was cut off) may have marked the
+        # trial FAILED meanwhile, and that stands: skip_if_finished, and a reason tagged only if it was told.
+        except optuna.exceptions.UpdateFinishedTrialError:
+            say("tune", f"trial {trial.number} was marked lost by the study's owner meanwhile; going on")
         except optuna.TrialPruned as pruned:
-            client.set_tag(trial._trial_id, C.TAG_TRIAL_PRUNED, str(pruned))
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+            if study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True).state.name == "PRUNED":
+                client.set_tag(trial._trial_id, C.TAG_TRIAL_PRUNED, str(pruned))
         except training.Diverged as exc:  # a NaN loss fails this trial, and the search goes on
             client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)

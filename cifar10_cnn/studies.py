@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 
@@ -58,45 +59,69 @@ def storage(experiment_id: str):
 
 
 def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """'host:pid', then where that pid means something (Linux: this boot and this pid namespace, so two
+    containers sharing a hostname, or a machine rebooted since, never read each other's process ids)."""
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{space}" if (space := _pid_space()) else "")
+
+
+def _pid_space() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        return f"{boot}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def owner_alive(study_run) -> bool:
     """Whether the tune run that owns the study still works on it: RUNNING (a SIGKILLed or lost run stays
-    RUNNING, so also) with its process alive by its heartbeat."""
+    RUNNING, so also) with its process alive by its heartbeat. An owner of an earlier version, which did
+    not beat, is alive while RUNNING, on this machine while its process id is."""
     owner = study_run.data.tags.get(TAG_OWNER_RUN)
     if not owner:
         return False
     if mlflow.get_run(owner).info.status != "RUNNING":
         return False
-    return lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT) is None
+    return lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT, since=None) is None
 
 
-def lost(run, process_key: str, heartbeat_key: str) -> str | None:
+def owns(study_run_id: str, tune_run_id: str) -> bool:
+    """Whether `tune_run_id` still owns the study: another run takes it over once this one has been silent
+    for STALE_S (a machine that slept or was cut off), and then trains the winner itself."""
+    return mlflow.MlflowClient().get_run(study_run_id).data.tags.get(TAG_OWNER_RUN) == tune_run_id
+
+
+def lost(run, process_key: str, heartbeat_key: str, since: float | None) -> str | None:
     """Why the process named by `run`'s tag `process_key` no longer works on it, or None while it may: on
-    this machine its process id has ended; on any, its heartbeat (before the first one, the run's start)
-    is over STALE_S old."""
+    this machine (and pid namespace) its process id has ended; on any, its heartbeat is over STALE_S old.
+    Before its first heartbeat, the time counts from `since` (Unix seconds); None: no heartbeat, not lost."""
     import psutil
 
     process = run.data.tags.get(process_key, "")
-    host, _, pid = process.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
-        return f"its process {process} has ended"
-    age = time.time() - float(run.data.tags.get(heartbeat_key) or run.info.start_time / 1000)
-    if age > STALE_S:
-        return f"no heartbeat from {process or 'its process'} for {age:.0f} s (over {STALE_S:g} s)"
+    who, _, space = process.partition("/")
+    host, _, pid = who.rpartition(":")
+    here = host == socket.gethostname() and (not space or space == _pid_space())  # none: an earlier version's tag
+    if here and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        return f"its process {who} has ended"
+    last = run.data.tags.get(heartbeat_key)
+    if last is None and since is None:
+        return None
+    if (age := time.time() - float(last or since)) > STALE_S:
+        return f"no heartbeat from {who or 'its process'} for {age:.0f} s (over {STALE_S:g} s)"
     return None
 
 
 @contextlib.contextmanager
-def beating(run_id: str, heartbeat_key: str):
+def beating(run_id: str, heartbeat_key: str, still=lambda: True):
     """While the block runs, tag run `run_id` with the time every BEAT_S seconds, from a thread (training
-    releases the GIL in torch's kernels). A failed write is retried at the next beat, never raised."""
+    releases the GIL in torch's kernels), as long as `still()` holds. A failed write is retried at the next
+    beat, never raised; leaving does not wait for a write the store is slow to answer."""
     client, stop = mlflow.MlflowClient(), threading.Event()
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
             with contextlib.suppress(Exception):  # the store may be out for a moment: the next beat retries
+                if not still():
+                    return
                 client.set_tag(run_id, heartbeat_key, f"{time.time():.0f}")
 
     thread = threading.Thread(target=beat, name=f"heartbeat of run {run_id}", daemon=True)
@@ -105,16 +130,22 @@ def beating(run_id: str, heartbeat_key: str):
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=5)  # a daemon: one stuck in the store's retries does not hold the process
 
 
-def fail_lost(study) -> int:
-    """Mark FAILED each RUNNING trial whose process is lost (see `lost`), tagging why; how many."""
+def fail_lost(study, trials: list) -> int:
+    """Mark FAILED each of `trials` still RUNNING (read again: it may have ended since the list was made)
+    whose process is lost (see `lost`), tagging why; how many."""
     import optuna
 
     client, failed = mlflow.MlflowClient(), 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if why := lost(client.get_run(trial._trial_id), TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT):
+    for trial in trials:
+        if trial.state != optuna.trial.TrialState.RUNNING:
+            continue
+        run = client.get_run(trial._trial_id)
+        if run.info.status != "RUNNING":
+            continue
+        if why := lost(run, TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT, since=run.info.start_time / 1000):
             client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, f"lost: {why}")
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             failed += 1
@@ -155,7 +186,8 @@ def open_study(name: str, tune_run_id: str, experiment_id: str, sampler_for, pru
     study = optuna.load_study(study_name=name, storage=store, sampler=sampler_for(before), pruner=pruner)
     if owner_alive(study_run):
         return Opened(study, existing, "worker")
-    stale = fail_lost(study)  # the dead owner's trials; a live worker's keep running, and are waited for
+    # the dead owner's trials; a live worker's keep running, and are waited for
+    stale = fail_lost(study, study.get_trials(deepcopy=False))
     _own(client, existing, tune_run_id)
     if study_run.info.status != "RUNNING":  # its owner failed (or chose a winner): open again
         client.update_run(existing, status="RUNNING")
@@ -220,7 +252,6 @@ def ask(study):
     """
     import hashlib
     import tempfile
-    from pathlib import Path
 
     from filelock import FileLock
     from mlflow.entities import RunTag
@@ -241,5 +272,5 @@ def wait_for_trials(study, poll_s: float = 2.0) -> list:
         trials = study.get_trials(deepcopy=False)
         if not any(t.state.name == "RUNNING" for t in trials):
             return trials
-        fail_lost(study)
+        fail_lost(study, trials)
         time.sleep(poll_s)

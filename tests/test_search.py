@@ -249,8 +249,8 @@ def test_a_lost_process_is_told_by_its_heartbeat(job, monkeypatch):
     for trial, heartbeat in ((silent, long_ago), (beating, f"{time.time():.0f}")):
         client.set_tag(trial._trial_id, studies.TAG_TRIAL_PROCESS, "another-machine:42")
         client.set_tag(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT, heartbeat)
-    assert studies.lost(client.get_run(beating._trial_id), studies.TAG_TRIAL_PROCESS,
-                        studies.TAG_TRIAL_HEARTBEAT) is None  # a live one is waited for
+    assert studies.lost(client.get_run(beating._trial_id), studies.TAG_TRIAL_PROCESS, studies.TAG_TRIAL_HEARTBEAT,
+                        since=0) is None  # a live one is waited for
     owner.study.tell(beating, 0.5)
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the owner waits for a lost trial"))
     signal.alarm(30)
@@ -270,6 +270,27 @@ def test_a_lost_process_is_told_by_its_heartbeat(job, monkeypatch):
     resumer = opened({**job, "tune_run_id": client.create_run("0").info.run_id})
     assert resumer.role == "resumer"
     assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_PROCESS] == studies.this_process()
+    # the silent owner wakes: it no longer owns the study, and its beats stop rather than keep the other alive
+    assert not studies.owns(owner.study_run_id, job["tune_run_id"])
+    monkeypatch.setattr(studies, "BEAT_S", 0.02)
+    taken = client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_HEARTBEAT]
+    with studies.beating(owner.study_run_id, studies.TAG_OWNER_HEARTBEAT,
+                         still=lambda: studies.owns(owner.study_run_id, job["tune_run_id"])):
+        time.sleep(1.2)  # a beat writes whole seconds
+    assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_HEARTBEAT] == taken
+
+
+def test_a_trial_is_failed_as_lost_only_while_it_runs_and_its_process_is_gone(job):
+    client, study = MlflowClient(), opened(job).study
+    done, elsewhere = studies.ask(study), studies.ask(study)
+    client.set_tag(done._trial_id, studies.TAG_TRIAL_PROCESS, f"{socket.gethostname()}:{ended_pid()}")
+    # the same hostname, another pid namespace (a container): its process ids say nothing here
+    client.set_tag(elsewhere._trial_id, studies.TAG_TRIAL_PROCESS, f"{socket.gethostname()}:{ended_pid()}/other")
+    listed = study.get_trials()
+    study.tell(done, 0.7)  # it finished after the owner listed it RUNNING: its result stands
+    assert studies.fail_lost(study, listed) == 0
+    assert {t.number: t.state.name for t in study.get_trials()} == {done.number: "COMPLETE",
+                                                                    elsewhere.number: "RUNNING"}
 
 
 def test_a_trial_beats_while_it_trains_and_a_late_result_stands_down(job, monkeypatch):
