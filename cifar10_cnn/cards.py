@@ -5,16 +5,21 @@ from __future__ import annotations
 from . import constants as C
 
 
-def card_facts(train_run, eval_run, ingest_run, class_names, parity, run_ids: dict) -> dict:
-    """What model_card says about a version, all read from the runs that made it."""
+def card_facts(train_run, config, scored, ingest_run, class_names, parity, run_ids: dict) -> dict:
+    """What model_card says about a version, read from the runs that made it, `config`, the resolved recipe
+    its checkpoint holds (the train run's params say 'auto' where `-e train` was given it), and `scored`,
+    the float flavors' evaluation.Evaluation on the test images."""
+    from dataclasses import asdict
+
     return {
-        "model": train_run.data.params.get("model", "?"),
+        "model": config.model,
         "num_parameters": int(train_run.data.params.get("num_parameters", 0)),
-        "train_params": train_run.data.params, "source": ingest_run.data.tags.get(C.TAG_SOURCE, "?"),
+        "train_params": {**train_run.data.params, **{k: str(v) for k, v in asdict(config).items()}},
+        "source": ingest_run.data.tags.get(C.TAG_SOURCE, "?"),
         "sha256": ingest_run.data.tags.get(C.TAG_SHA256, ""),
         "sizes": {k: int(ingest_run.data.metrics.get(f"{k}_records", 0)) for k in ("train", "test")},
-        "test_accuracy": eval_run.data.metrics["test_accuracy"], "test_loss": eval_run.data.metrics["test_loss"],
-        "per_class": {c: eval_run.data.metrics.get(f"test_accuracy_{c}", float("nan")) for c in class_names},
+        "test_accuracy": scored.accuracy, "test_loss": scored.loss,
+        "per_class": dict(zip(class_names, scored.per_class_accuracy, strict=True)),
         "onnx_max_abs_diff": parity.max_abs_diff, "onnx_mismatches": parity.argmax_mismatches,
         "parity_images": parity.images, "run_ids": run_ids,
         "tuned": {key: train_run.data.tags[tag] for key, tag in (

@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from . import constants as C
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -114,6 +115,10 @@ def model_name(value: str) -> str:
             "model_name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
             f"digit; got {value!r}"
         )
+    for suffix in (C.ONNX_REGISTERED_SUFFIX, C.ONNX_REGISTERED_SUFFIX + C.INT8_REGISTERED_SUFFIX):
+        if value.endswith(suffix):  # NAME-onnx and NAME-onnx-int8 are the ONNX models made from NAME
+            raise UserError(f"model_name names the PyTorch model, and {value!r} ends in {suffix!r}, which the "
+                            f"ONNX models' names add to it; give {value[:-len(suffix)]!r}")
     return value
 
 

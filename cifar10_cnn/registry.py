@@ -197,12 +197,17 @@ class Decision:
     noop: bool = False  # the candidate already is the champion: nothing to change or record
 
 
-def decide(candidate_accuracy: float, champion_accuracy: float | None, same_version: bool, force: bool) -> Decision:
-    """The promotion gate, as a pure function of the two test accuracies."""
+def decide(candidate_accuracy: float, champion_accuracy: float | None, same_version: bool, force: bool,
+           other_test_set: str = "") -> Decision:
+    """The promotion gate, as a pure function of the two test accuracies (and, when they were measured on
+    different test sets, `other_test_set` saying so: then they do not compare, and only force moves it)."""
     if same_version:
         return Decision(False, "already the champion", noop=True)
     if champion_accuracy is None:
         return Decision(True, f"no champion yet; candidate test accuracy {candidate_accuracy:.4f}")
+    if other_test_set:
+        return Decision(force, f"{'forced: ' if force else ''}{other_test_set}, so test accuracy "
+                               f"{candidate_accuracy:.4f} and the champion's {champion_accuracy:.4f} do not compare")
     if candidate_accuracy >= champion_accuracy:
         return Decision(True, f"test accuracy {candidate_accuracy:.4f} >= champion's {champion_accuracy:.4f}")
     if force:
@@ -250,18 +255,27 @@ def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -
     """
     candidate = _version(client, names.pytorch, ref)
     accuracy = _accuracy(candidate, names.pytorch)
-    twins = [_version(client, name, candidate.tags.get(tag, "?")) for name, tag in names.twins()
-             if tag in candidate.tags or tag == ONNX_VERSION]
-    for version in (candidate, *twins):
+    twins = [(_version(client, name, candidate.tags.get(tag, "?")), flavor) for (name, tag), flavor
+             in zip(names.twins(), ("onnx", "onnx-int8"), strict=True) if tag in candidate.tags or tag == ONNX_VERSION]
+    for version, flavor in ((candidate, "pytorch"), *twins):
         if not complete(version):
             raise UserError(f"{version.name} v{version.version} was not registered whole "
                             f"({version.tags.get(TAG_ORPHAN, 'no model card')}); refusing to promote it")
         if version.tags.get("train_run_id") != candidate.tags.get("train_run_id"):
             raise UserError(f"{version.name} v{version.version} was not trained by the same run as "
                             f"{names.pytorch} v{candidate.version}; refusing to pair them")
+        if version.tags.get("flavor", flavor) != flavor:  # e.g. -P model_name=NAME-onnx named the ONNX model
+            raise UserError(f"{version.name} v{version.version} is a {version.tags['flavor']} model, not the "
+                            f"{flavor} one this promotion needs there; give the PyTorch model's name")
+    twins = [version for version, _ in twins]
+    if candidate.tags.get(TAG_REGISTRATION) != COMMITTED:
+        raise UserError(f"{names.pytorch} v{candidate.version}: no alias ever reached the versions its export "
+                        "registered (that export was interrupted, or is still registering); refusing to promote it")
     champion = _by_alias(client, names.pytorch, CHAMPION)
+    data = {v.tags.get("dataset_sha256") for v in (candidate, champion) if v is not None}
     decision = decide(accuracy, _accuracy(champion, names.pytorch) if champion else None,
-                      champion is not None and str(champion.version) == str(candidate.version), force)
+                      champion is not None and str(champion.version) == str(candidate.version), force,
+                      "measured on another test set (dataset_sha256 differs)" if len(data) > 1 else "")
     if decision.noop:  # leave the tags that say why it became champion as they are
         return decision, str(candidate.version), None
     outcome = "promoted" if decision.promote else "refused"

@@ -46,6 +46,7 @@ def test_every_bad_hyperparameter_is_named_by_its_declared_check(name, value, me
         (lambda: params.choice("recipe", "slow", tuple(recipes.RECIPES)), "recipe must be one of seed, fast, fast94"),
         (lambda: params.run_id("resume_run_id", "abc"), "resume_run_id must be an MLflow run id (32 hex characters)"),
         (lambda: params.model_name("bad name!"), "model_name must be 1-100 letters"),
+        (lambda: params.model_name("mine-onnx"), "'mine-onnx' ends in '-onnx', which the ONNX models' names add"),
         (lambda: params.expected_records("5"), "expected_records must be 'TRAIN,TEST'"),
         (lambda: params.POSITIVE_INT("nproc_per_node", "0"), "nproc_per_node must be a whole number >= 1"),
         (lambda: recipes.resolve("seed", {"warmup_epochs": "6"}), "warmup_epochs (6.0) is longer than the training"),

@@ -82,3 +82,19 @@ def test_model_card_says_how_good_and_how_to_use():
         source="s", sha256="ab", sizes={"train": 1, "test": 1}, test_accuracy=0.9, test_loss=0.3, per_class={},
         onnx_max_abs_diff=0.0, onnx_mismatches=0, parity_images=1, run_ids={})
     assert "Training: SGD (Nesterov), epochs 4, lr_schedule triangle, precision fp32, on cpu" in fast
+
+
+def test_a_card_says_what_trained_when_the_train_run_was_given_auto():
+    from types import SimpleNamespace as Ns
+
+    from cifar10_cnn import recipes
+
+    auto = {name: "auto" for name in recipes.FIELDS}  # `mlflow run . -e train` logs its arguments as given
+    facts = cards.card_facts(
+        Ns(data=Ns(params={**auto, "num_parameters": "62006", "train_device": "cpu"}, tags={})),
+        recipes.RECIPES["seed"], Ns(accuracy=0.6, loss=1.1, per_class_accuracy=[]),
+        Ns(data=Ns(tags={}, metrics={})), [], Ns(max_abs_diff=0.0, argmax_mismatches=0, images=1), {})
+    card = cards.model_card(name="m", version="1", flavor="pytorch", **facts)
+    assert "**simple_cnn** (62,006 parameters)" in card
+    assert "Training: Adam, epochs 5, batch_size 32, learning_rate 0.001, lr_schedule constant, precision fp32, " \
+           "seed 42, on cpu" in card

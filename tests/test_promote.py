@@ -8,19 +8,20 @@ from cifar10_cnn.errors import UserError
 from steps import promote as promote_step
 
 
-def register_pair(client, tmp_path, accuracy, run="r", tags_ok=True):
+def register_pair(client, tmp_path, accuracy, run="r", tags_ok=True, data="d"):
     """A PyTorch and an ONNX version of one (pretend) training run, tagged as the export step does."""
     for name in ("m", "m-onnx"):
         try:
             client.get_registered_model(name)
         except Exception:
             client.create_registered_model(name)
-    tags = {"train_run_id": run * 32}
+    tags = {"train_run_id": run * 32, "dataset_sha256": data}
     if tags_ok:
         tags["test_accuracy"] = f"{accuracy:.4f}"
-    onnx_v = client.create_model_version("m-onnx", str(tmp_path), tags=tags, description="card")
-    pt = client.create_model_version("m", str(tmp_path), tags={**tags, "onnx_version": str(onnx_v.version)},
-                                     description="card")
+    onnx_v = client.create_model_version("m-onnx", str(tmp_path), tags={**tags, "flavor": "onnx"}, description="card")
+    pt = client.create_model_version("m", str(tmp_path), tags={
+        **tags, "flavor": "pytorch", "onnx_version": str(onnx_v.version),
+        registry.TAG_REGISTRATION: registry.COMMITTED}, description="card")
     return str(pt.version), str(onnx_v.version)
 
 
@@ -35,6 +36,9 @@ def test_decide():
     forced = registry.decide(0.59, 0.6, False, True)
     assert forced.promote and forced.reason.startswith("forced")
     assert registry.decide(0.7, 0.6, True, False).noop  # already champion
+    other = registry.decide(0.7, 0.6, False, False, "measured on another test set")
+    assert not other.promote and "do not compare" in other.reason
+    assert registry.decide(0.7, 0.6, False, True, "measured on another test set").reason.startswith("forced")
 
 
 def test_first_then_better_then_worse_then_forced_then_rollback(store, tmp_path, capsys):
@@ -104,3 +108,21 @@ def test_unpaired_flavors_are_refused(store, tmp_path):
     with pytest.raises(UserError, match="was not trained by the same run"):
         registry.promote(client, registry.Names("m"), v1[0])
     assert aliases(client) == {"m": {}, "m-onnx": {}}
+
+
+def test_what_promote_refuses_to_pair_or_compare(store, tmp_path):
+    client, names = MlflowClient(), registry.Names("m")
+    champion = register_pair(client, tmp_path, 0.6, run="a")
+    registry.promote(client, names, champion[0])
+    other_data = register_pair(client, tmp_path, 0.7, run="b", data="another archive")
+    decision, _, _ = registry.promote(client, names, other_data[0])  # a higher figure, on other test images
+    assert not decision.promote and "another test set" in decision.reason
+    wrong_flavor = register_pair(client, tmp_path, 0.7, run="c")
+    client.set_model_version_tag("m-onnx", wrong_flavor[1], "flavor", "pytorch")  # a PyTorch model in the ONNX slot
+    with pytest.raises(UserError, match="is a pytorch model, not the onnx one"):
+        registry.promote(client, names, wrong_flavor[0])
+    interrupted = register_pair(client, tmp_path, 0.7, run="d")  # its export was killed before any alias
+    client.delete_model_version_tag("m", interrupted[0], registry.TAG_REGISTRATION)
+    with pytest.raises(UserError, match="no alias ever reached"):
+        registry.promote(client, names, interrupted[0])
+    assert aliases(client) == {"m": {"champion": int(champion[0])}, "m-onnx": {"champion": int(champion[1])}}

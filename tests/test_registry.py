@@ -48,7 +48,7 @@ def publish(client, accuracy: float, int8: bool = True) -> str:
             return registry.Entry(model, {**tags, "flavor": flavor}, lambda version: f"card of {flavor} v{version}")
 
         try:
-            registry.publish(client, NAMES, entry("pytorch"), entry("onnx"), entry("int8") if int8 else None)
+            registry.publish(client, NAMES, entry("pytorch"), entry("onnx"), entry("onnx-int8") if int8 else None)
         except Died:
             mlflow.end_run("FAILED")
     return train_run
