@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import constants as C
-from . import models, params, tracking
+from . import heartbeat, models, params, tracking
 from .errors import UserError
 from .progress import say
 from .recipes import TrainConfig
@@ -62,8 +62,8 @@ def log_final(state: dict) -> None:
         mlflow.log_artifact(str(path), str(Path(C.CHECKPOINT_PATH).parent))
 
 
-def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
-    """The newest readable epoch checkpoint of a train run that did not finish, on the same data."""
+def resumable(resume_run_id: str, ingest_run_id: str, recipe: str) -> dict:
+    """The newest readable epoch checkpoint of a train run of `recipe` that did not finish, on the same data."""
     resume_run_id = params.run_id("resume_run_id", resume_run_id)
     try:
         old = mlflow.get_run(resume_run_id)
@@ -77,7 +77,13 @@ def resumable(resume_run_id: str, ingest_run_id: str) -> dict:
     if old.data.tags.get(C.TAG_SHA256) != digest:
         raise UserError(f"resume_run_id {resume_run_id} trained on other data (sha256 "
                         f"{old.data.tags.get(C.TAG_SHA256, '?')[:12]}…, now {str(digest)[:12]}…)")
+    if (killed := old.data.params.get("recipe", recipe)) != recipe:  # evaluate's TTA and the card follow it
+        raise UserError(f"resume_run_id {resume_run_id} trained recipe {killed}, not {recipe}; give -P "
+                        f"recipe={killed} (a resumed run keeps its parameters)")
     client = mlflow.MlflowClient()
+    if old.info.status == "RUNNING" and not heartbeat.lost(old, C.TAG_PROCESS, C.TAG_HEARTBEAT, since=0):
+        raise UserError(f"resume_run_id {resume_run_id} is still training ({old.data.tags[C.TAG_PROCESS]} beat "
+                        f"under {heartbeat.STALE_S:g} s ago): stop it first, or let it finish")
     if old.info.status == "RUNNING":  # its process was killed outright (SIGKILL, power cut): end it for it
         client.set_tag(resume_run_id, C.TAG_RESUMED_BY, mlflow.active_run().info.run_id)
         client.set_terminated(resume_run_id, "KILLED")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import mlflow
 
 from . import constants as C
-from . import recipes, studies
+from . import heartbeat, recipes, studies
 from .errors import UserError
 from .params import Number
 
@@ -178,9 +178,9 @@ def work(study: optuna.Study, job: dict, worker: int, dataset=None) -> None:
                 studies.delete_trial(study, trial)
                 return
             client.set_tag(trial._trial_id, "mlflow.runName", f"trial {trial.number}")
-            with studies.beating(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT):
+            with heartbeat.beating(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT):
                 value = run_trial(trial, job, dataset, split, worker)
-        # An owner that heard no heartbeat for studies.STALE_S (this machine was cut off) may have marked the
+        # An owner that heard no heartbeat for heartbeat.STALE_S (this machine was cut off) may have marked the
         # trial FAILED meanwhile, and that stands: skip_if_finished, and a reason tagged only if it was told.
         except optuna.exceptions.UpdateFinishedTrialError:
             say("tune", f"trial {trial.number} was marked lost by the study's owner meanwhile; going on")

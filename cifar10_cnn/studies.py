@@ -8,18 +8,13 @@ trains its winner; a tune run started with the same study name while the owner i
 trials the dead process left RUNNING are marked FAILED, the finished ones are kept, and it takes over.
 Joining or resuming takes the settings the study was made with (recipe, space, held-out images).
 
-A process tells a live owner or trial from a lost one by its heartbeat: the owner and every trial's process
-tag their run with the time every BEAT_S seconds, and one silent for STALE_S is taken as gone (on the same
-machine, at once when its process id has ended). So a worker machine that dies mid-trial does not keep the
-owner waiting for good, and a study whose owner's machine died can be resumed from another machine.
+A process tells a live owner or trial from a lost one by its heartbeat (heartbeat.py): the owner and every
+trial's process beat on their run, so a worker machine that dies mid-trial does not keep the owner waiting
+for good, and a study whose owner's machine died can be resumed from another machine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +22,7 @@ from pathlib import Path
 import mlflow
 
 from . import constants as C
+from . import heartbeat
 from .errors import UserError
 
 DIRECTION = "maximize"  # the held-out accuracy
@@ -38,10 +34,6 @@ TAG_NO_NEW_TRIALS = "cifar10.study.no_new_trials"  # study run: its owner is don
 TAG_OWNER_HEARTBEAT = "cifar10.study.owner_heartbeat"  # study run: when its owner last beat (Unix seconds)
 TAG_TRIAL_PROCESS = "cifar10.trial.process"  # trial run: 'host:pid' of the process that runs it
 TAG_TRIAL_HEARTBEAT = "cifar10.trial.heartbeat"  # trial run: when that process last beat (Unix seconds)
-# A beat costs one tag write; a process silent for STALE_S (eight beats missed) is gone, which is how long a
-# lost worker machine keeps the owner waiting. Machines' clocks must agree to well within it (NTP).
-BEAT_S = 15.0
-STALE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -58,20 +50,6 @@ def storage(experiment_id: str):
     return MlflowStorage(experiment_id=experiment_id, batch_flush_interval=0.5)
 
 
-def this_process() -> str:
-    """'host:pid', then where that pid means something (Linux: this boot and this pid namespace, so two
-    containers sharing a hostname, or a machine rebooted since, never read each other's process ids)."""
-    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{space}" if (space := _pid_space()) else "")
-
-
-def _pid_space() -> str:
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-        return f"{boot}-{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return ""
-
-
 def owner_alive(study_run) -> bool:
     """Whether the tune run that owns the study still works on it: RUNNING (a SIGKILLed or lost run stays
     RUNNING, so also) with its process alive by its heartbeat. An owner of an earlier version, which did
@@ -81,56 +59,13 @@ def owner_alive(study_run) -> bool:
         return False
     if mlflow.get_run(owner).info.status != "RUNNING":
         return False
-    return lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT, since=None) is None
+    return heartbeat.lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT, since=None) is None
 
 
 def owns(study_run_id: str, tune_run_id: str) -> bool:
     """Whether `tune_run_id` still owns the study: another run takes it over once this one has been silent
-    for STALE_S (a machine that slept or was cut off), and then trains the winner itself."""
+    for heartbeat.STALE_S (a machine that slept or was cut off), and then trains the winner itself."""
     return mlflow.MlflowClient().get_run(study_run_id).data.tags.get(TAG_OWNER_RUN) == tune_run_id
-
-
-def lost(run, process_key: str, heartbeat_key: str, since: float | None) -> str | None:
-    """Why the process named by `run`'s tag `process_key` no longer works on it, or None while it may: on
-    this machine (and pid namespace) its process id has ended; on any, its heartbeat is over STALE_S old.
-    Before its first heartbeat, the time counts from `since` (Unix seconds); None: no heartbeat, not lost."""
-    import psutil
-
-    process = run.data.tags.get(process_key, "")
-    who, _, space = process.partition("/")
-    host, _, pid = who.rpartition(":")
-    here = host == socket.gethostname() and (not space or space == _pid_space())  # none: an earlier version's tag
-    if here and pid.isdigit() and not psutil.pid_exists(int(pid)):
-        return f"its process {who} has ended"
-    last = run.data.tags.get(heartbeat_key)
-    if last is None and since is None:
-        return None
-    if (age := time.time() - float(last or since)) > STALE_S:
-        return f"no heartbeat from {who or 'its process'} for {age:.0f} s (over {STALE_S:g} s)"
-    return None
-
-
-@contextlib.contextmanager
-def beating(run_id: str, heartbeat_key: str, still=lambda: True):
-    """While the block runs, tag run `run_id` with the time every BEAT_S seconds, from a thread (training
-    releases the GIL in torch's kernels), as long as `still()` holds. A failed write is retried at the next
-    beat, never raised; leaving does not wait for a write the store is slow to answer."""
-    client, stop = mlflow.MlflowClient(), threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(BEAT_S):
-            with contextlib.suppress(Exception):  # the store may be out for a moment: the next beat retries
-                if not still():
-                    return
-                client.set_tag(run_id, heartbeat_key, f"{time.time():.0f}")
-
-    thread = threading.Thread(target=beat, name=f"heartbeat of run {run_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)  # a daemon: one stuck in the store's retries does not hold the process
 
 
 def fail_lost(study, trials: list) -> int:
@@ -145,7 +80,7 @@ def fail_lost(study, trials: list) -> int:
         run = client.get_run(trial._trial_id)
         if run.info.status != "RUNNING":
             continue
-        if why := lost(run, TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT, since=run.info.start_time / 1000):
+        if why := heartbeat.lost(run, TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT, since=run.info.start_time / 1000):
             client.set_tag(trial._trial_id, C.TAG_TRIAL_FAILED, f"lost: {why}")
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             failed += 1
@@ -240,7 +175,7 @@ def _own(client, study_run_id: str, tune_run_id: str) -> None:
     from mlflow.entities import RunTag
 
     client.log_batch(study_run_id, tags=[RunTag(TAG_OWNER_RUN, tune_run_id),
-                                         RunTag(TAG_OWNER_PROCESS, this_process()),
+                                         RunTag(TAG_OWNER_PROCESS, heartbeat.this_process()),
                                          RunTag(TAG_OWNER_HEARTBEAT, f"{time.time():.0f}")])
 
 
@@ -260,7 +195,7 @@ def ask(study):
     with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
         trial = study.ask()
         time.sleep(0.005)
-    mlflow.MlflowClient().log_batch(trial._trial_id, tags=[RunTag(TAG_TRIAL_PROCESS, this_process()),
+    mlflow.MlflowClient().log_batch(trial._trial_id, tags=[RunTag(TAG_TRIAL_PROCESS, heartbeat.this_process()),
                                                            RunTag(TAG_TRIAL_HEARTBEAT, f"{time.time():.0f}")])
     return trial
 

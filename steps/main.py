@@ -1,6 +1,7 @@
 """main: check every parameter, then run ingest -> train -> evaluate -> export as nested MLflow runs
 under this (parent) run. Needs no torch."""
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def check_main_params(p: dict) -> dict:
     if resume_run_id != "none":  # train adopts the killed run's parameters; those given here are checked there
         params.run_id("resume_run_id", resume_run_id)
         recipes.explicit(overrides)
-        train = {"recipe": params.choice("recipe", p["recipe"], tuple(recipes.RECIPES)), **overrides}
+        recipe = p["recipe"]
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # no such run: train says so
+            recipe = mlflow.get_run(resume_run_id).data.params.get("recipe", recipe)  # and its TTA with it
+        train = {"recipe": params.choice("recipe", recipe, tuple(recipes.RECIPES)), **overrides}
     else:  # the resolved values, so the train run's params say what was trained (and reuse compares them)
         train = {"recipe": p["recipe"], **asdict(recipes.resolve(p["recipe"], overrides))}
         if train["budget_minutes"] and "epochs" in recipes.explicit(overrides):

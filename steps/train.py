@@ -5,6 +5,7 @@ DistributedDataParallel); rank 0 logs to the MLflow run, the other ranks never o
 """
 
 import sys
+import time
 from dataclasses import asdict
 
 import mlflow
@@ -15,6 +16,7 @@ from cifar10_cnn import (
     distributed,
     entry_points,
     hardware,
+    heartbeat,
     models,
     params,
     plots,
@@ -36,16 +38,18 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     the resolved config, the data and any resume state.
     """
     rank, world = distributed.rank_and_world()
+    # alive while it beats (during training): a resume of this run elsewhere waits for it to be gone
+    mlflow.set_tags({C.TAG_PROCESS: heartbeat.this_process(), C.TAG_HEARTBEAT: f"{time.time():.0f}"})
     try:
         config, why, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
             ingest_run_id, recipe, device, resume_run_id, nproc_per_node, world, overrides)
+        # validation > 0: a class-balanced sample of the training images is held out, never trained on, and
+        # scored after every epoch (the images a search chooses on; the test images stay for the final model).
+        kept, held = datalib.holdout(dataset.train_labels, config.validation, config.seed)
     except BaseException:
         if world > 1:
             distributed.share(None)  # the other ranks stop instead of waiting for data that never comes
         raise
-    # validation > 0: a class-balanced sample of the training images is held out, never trained on, and
-    # scored after every epoch (the images a search chooses on; the test images stay for the final model).
-    kept, held = datalib.holdout(dataset.train_labels, config.validation, config.seed)
     images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels).long()
     held_out = (images[held], labels[held]) if len(held) else None
     if len(held):
@@ -105,8 +109,9 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     def on_checkpoint(net, history: list, state: dict) -> None:
         checkpoints.log_epoch_checkpoint(checkpoints.snapshot(net, config, history, state))
 
-    history = training.train(net, images, labels, config, target, on_epoch, on_checkpoint=on_checkpoint,
-                             resume=resume, on_plan=on_plan, held_out=held_out)
+    with heartbeat.beating(mlflow.active_run().info.run_id, C.TAG_HEARTBEAT):
+        history = training.train(net, images, labels, config, target, on_epoch, on_checkpoint=on_checkpoint,
+                                 resume=resume, on_plan=on_plan, held_out=held_out)
 
     mlflow.log_metric("train_seconds", sum(r.seconds for r in history))
     net.cpu().eval()
@@ -129,7 +134,7 @@ def prepare(ingest_run_id: str, recipe: str, device: str, resume_run_id: str, np
     ingest_run_id = params.run_id("ingest_run_id", ingest_run_id)
     resume_run_id = str(resume_run_id).strip()
     if resume_run_id.lower() not in ("", "none"):  # the killed run's parameters; those given must agree
-        resume = checkpoints.resumable(resume_run_id, ingest_run_id)
+        resume = checkpoints.resumable(resume_run_id, ingest_run_id, recipe)
         config = recipes.TrainConfig(**resume["config"])
         differ = {k: v for k, v in recipes.explicit(overrides).items() if getattr(config, k) != v}
         if differ:

@@ -17,7 +17,19 @@ import mlflow
 from mlflow.entities import RunTag
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import cores, entry_points, params, pipeline, plots, recipes, search, sources, studies, tracking
+from cifar10_cnn import (
+    cores,
+    entry_points,
+    heartbeat,
+    params,
+    pipeline,
+    plots,
+    recipes,
+    search,
+    sources,
+    studies,
+    tracking,
+)
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -44,12 +56,12 @@ def run(**raw: str) -> None:
     dataset = search.training_images(job)
     search.held_out(dataset.train_labels, job)  # -P validation too large for the data: fail before the study
     opened = open_study(job, worker=0)
-    # The owner beats (studies.beating) until its winner is registered: no other machine takes the study over
+    # The owner beats (heartbeat.beating) until its winner is registered: no other machine takes the study over
     # meanwhile, and once it stops (a lost machine, SIGKILL), another can; it stops beating once taken over.
     def owns() -> bool:
         return studies.owns(opened.study_run_id, tune_run.info.run_id)
 
-    holding = contextlib.nullcontext() if opened.role == "worker" else studies.beating(
+    holding = contextlib.nullcontext() if opened.role == "worker" else heartbeat.beating(
         opened.study_run_id, studies.TAG_OWNER_HEARTBEAT, still=owns)
     with holding:
         say("tune", f"study {p['study']!r} ({opened.role}), run {opened.study_run_id}: up to {p['trials']} trials in "
@@ -63,9 +75,9 @@ def run(**raw: str) -> None:
                 return
             studies.take_no_new_trials(opened.study, f"owner run {tune_run.info.run_id} is done asking")
             finished = studies.wait_for_trials(opened.study)
-            if not owns():  # this process was silent for studies.STALE_S (asleep, cut off): the other trains it
+            if not owns():  # this process was silent for heartbeat.STALE_S (asleep, cut off): the other trains it
                 raise UserError(f"study {p['study']!r} was taken over by another tune run while this one was "
-                                f"silent for over {studies.STALE_S:g} s; that run trains and registers its winner")
+                                f"silent for over {heartbeat.STALE_S:g} s; that run trains and registers its winner")
         except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
             if opened.role != "worker":
                 with contextlib.suppress(Exception):  # the store may be what failed: report the first error

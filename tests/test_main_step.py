@@ -39,6 +39,10 @@ def test_main_parameters_resolve_the_recipe(store):
         check_main_params({**raw, "recipe": "slow"})
     with pytest.raises(UserError, match="warmup_epochs .3.0. is longer than the training .2 epochs."):
         check_main_params({**raw, "epochs": "2", "warmup_epochs": "3"})
+    killed = MlflowClient().create_run("0").info.run_id  # a fast run to resume: its recipe, and so its TTA
+    MlflowClient().log_param(killed, "recipe", "fast")
+    resumed = check_main_params({**raw, "recipe": "seed", "resume_run_id": killed})
+    assert resumed["train"]["recipe"] == "fast" and resumed["tta"] == "crops"
 
 
 def test_main_runs_evaluate_beside_export_and_names_a_failed_evaluate(store, archive, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import tracking
+from cifar10_cnn import heartbeat, tracking
 from steps import ingest, train
 from tests.conftest import PROJECT_DIR, isolate, runs_env
 
@@ -111,6 +111,19 @@ def test_resume_refuses_a_finished_run(trained_once, capsys):
         train.main(["--ingest-run-id", ingest_id, "--resume-run-id", finished])
     assert exit_.value.code == 2
     assert f"resume_run_id {finished} FINISHED already; nothing to resume" in capsys.readouterr().err
+    # a run still training (in another terminal, on another machine): beating, so never taken from it
+    client = MlflowClient()
+    live = client.create_run(client.get_run(finished).info.experiment_id, tags={
+        C.TAG_STEP: "train", C.TAG_SHA256: client.get_run(finished).data.tags[C.TAG_SHA256],
+        C.TAG_PROCESS: heartbeat.this_process(), C.TAG_HEARTBEAT: f"{time.time():.0f}"}).info.run_id
+    client.log_param(live, "recipe", "seed")
+    for other, message in ((["--recipe", "fast"], f"resume_run_id {live} trained recipe seed, not fast; give -P "
+                                                  "recipe=seed"),
+                           ([], f"resume_run_id {live} is still training")):
+        with pytest.raises(SystemExit):
+            train.main(["--ingest-run-id", ingest_id, "--resume-run-id", live, *other])
+        assert message in capsys.readouterr().err
+    assert client.get_run(live).info.status == "RUNNING"  # left alone
 
 
 # --- two runs logging one dataset at once ----------------------------------------------------------------

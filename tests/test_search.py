@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import recipes, search, studies
+from cifar10_cnn import heartbeat, recipes, search, studies
 from cifar10_cnn.errors import UserError
 from steps import ingest, tune
 from tests.conftest import fails, only_run
@@ -245,11 +245,11 @@ def test_a_lost_process_is_told_by_its_heartbeat(job, monkeypatch):
     client = MlflowClient()
     owner = opened(job)
     silent, beating = studies.ask(owner.study), studies.ask(owner.study)
-    long_ago = f"{time.time() - studies.STALE_S - 1:.0f}"
-    for trial, heartbeat in ((silent, long_ago), (beating, f"{time.time():.0f}")):
+    long_ago = f"{time.time() - heartbeat.STALE_S - 1:.0f}"
+    for trial, beat in ((silent, long_ago), (beating, f"{time.time():.0f}")):
         client.set_tag(trial._trial_id, studies.TAG_TRIAL_PROCESS, "another-machine:42")
-        client.set_tag(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT, heartbeat)
-    assert studies.lost(client.get_run(beating._trial_id), studies.TAG_TRIAL_PROCESS, studies.TAG_TRIAL_HEARTBEAT,
+        client.set_tag(trial._trial_id, studies.TAG_TRIAL_HEARTBEAT, beat)
+    assert heartbeat.lost(client.get_run(beating._trial_id), studies.TAG_TRIAL_PROCESS, studies.TAG_TRIAL_HEARTBEAT,
                         since=0) is None  # a live one is waited for
     owner.study.tell(beating, 0.5)
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the owner waits for a lost trial"))
@@ -269,12 +269,12 @@ def test_a_lost_process_is_told_by_its_heartbeat(job, monkeypatch):
     client.set_tag(owner.study_run_id, studies.TAG_OWNER_HEARTBEAT, long_ago)
     resumer = opened({**job, "tune_run_id": client.create_run("0").info.run_id})
     assert resumer.role == "resumer"
-    assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_PROCESS] == studies.this_process()
+    assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_PROCESS] == heartbeat.this_process()
     # the silent owner wakes: it no longer owns the study, and its beats stop rather than keep the other alive
     assert not studies.owns(owner.study_run_id, job["tune_run_id"])
-    monkeypatch.setattr(studies, "BEAT_S", 0.02)
+    monkeypatch.setattr(heartbeat, "BEAT_S", 0.02)
     taken = client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_HEARTBEAT]
-    with studies.beating(owner.study_run_id, studies.TAG_OWNER_HEARTBEAT,
+    with heartbeat.beating(owner.study_run_id, studies.TAG_OWNER_HEARTBEAT,
                          still=lambda: studies.owns(owner.study_run_id, job["tune_run_id"])):
         time.sleep(1.2)  # a beat writes whole seconds
     assert client.get_run(owner.study_run_id).data.tags[studies.TAG_OWNER_HEARTBEAT] == taken
@@ -294,7 +294,7 @@ def test_a_trial_is_failed_as_lost_only_while_it_runs_and_its_process_is_gone(jo
 
 
 def test_a_trial_beats_while_it_trains_and_a_late_result_stands_down(job, monkeypatch):
-    monkeypatch.setattr(studies, "BEAT_S", 0.02)
+    monkeypatch.setattr(heartbeat, "BEAT_S", 0.02)
     study, client, beats = opened(job).study, MlflowClient(), []
 
     def trains(trial, *args):  # meanwhile the owner, hearing nothing (a cut-off link), marks the trial FAILED
