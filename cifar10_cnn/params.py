@@ -34,7 +34,8 @@ class Number:
         what = "a whole number" if self.kind is int else "a finite number"
         if self.minimum is not None and self.maximum is not None:
             left, right = "(" if self.open_minimum else "[", ")" if self.open_maximum else "]"
-            return f"a number in {left}{self.minimum:g}, {self.maximum:g}{right}"
+            kind = "a whole number" if self.kind is int else "a number"
+            return f"{kind} in {left}{self.minimum:g}, {self.maximum:g}{right}"
         if self.minimum is not None:
             return f"{what} {'>' if self.open_minimum else '>='} {self.minimum:g}"
         if self.maximum is not None:

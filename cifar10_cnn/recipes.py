@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from . import params
 from .errors import UserError
-from .params import BOOLEAN, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Choice
+from .params import BOOLEAN, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Choice, Number
 
 OPTIMIZERS = ("adam", "sgd", "muon")
 LR_SCHEDULES = ("constant", "onecycle", "cosine", "triangle")
@@ -64,7 +64,8 @@ class TrainConfig:
                                           "than the weights", "x")
     lookahead: bool = hyperparameter(False, BOOLEAN, "after 3 epochs, move the weights to their running "
                                      "average every 5,120 images")
-    crop_padding: int = hyperparameter(4, NON_NEGATIVE_INT, "how far augment's random crops move the image "
+    # at most 31: a 32-pixel image shifted by more is mirrored in past its far edge (augment.reflect_index)
+    crop_padding: int = hyperparameter(4, Number(int, 0, 31), "how far augment's random crops move the image "
                                        "each way (edge mirrored in)", "pixels")
     alternating_flip: bool = hyperparameter(False, BOOLEAN, "augment mirrors each image in every other epoch "
                                             "(random start), not at random")
@@ -140,6 +141,8 @@ def check(config: TrainConfig) -> TrainConfig:
     """What no single field's check can see: the fields against each other."""
     if config.warmup_epochs > config.epochs:
         raise UserError(f"warmup_epochs ({config.warmup_epochs}) is longer than the training ({config.epochs} epochs)")
+    if config.optimizer == "sgd" and config.momentum == 0:  # torch's Nesterov SGD refuses none
+        raise UserError("momentum must be above 0 with optimizer sgd (Nesterov momentum); got 0")
     if config.validation % 10:
         raise UserError(f"validation must be a multiple of 10 (as many images from each class), got "
                         f"{config.validation}")

@@ -30,12 +30,13 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _end_with_parent() -> None:
+def end_with_parent() -> None:
     """Make this process get SIGTERM when its parent exits (Linux), so no step outlives the recipe.
 
     `mlflow run` cancels its child only on Ctrl-C; killed with SIGTERM it dies alone and its child would
     train on as an orphan, its run RUNNING forever. With this, the orphan is told at once, and its SIGTERM
-    handler ends its own run and cancels its own child step in turn.
+    handler ends its own run and cancels its own child step in turn. The request survives exec, so
+    torchrun, which replaces the train step's process, is told too (and stops its ranks).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -61,7 +62,7 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     # A process started in the background inherits SIGINT ignored; Ctrl-C must still stop a step.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    _end_with_parent()
+    end_with_parent()
     quiet_mlflow_bars_unless_interactive()
     if system_metrics:
         # Its INFO lines (start, stop, "skip GPU metrics") would bury a step's one-line error.

@@ -176,6 +176,7 @@ def log_epoch(r: training.EpochResult) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = entry_points.parser("train", __doc__).parse_args(argv)
+    tracking.end_with_parent()  # before torchrun takes this process over: it would outlive a killed recipe
     distributed.relaunch_under_torchrun("steps.train", argv, args.nproc_per_node)  # returns when not needed
     rank, _ = distributed.join(args.device)
     try:

@@ -24,7 +24,8 @@ from cifar10_cnn.errors import UserError
         ("momentum", "1", "momentum must be a number in [0, 1), got '1'"),
         ("bias_lr_scale", "0", "bias_lr_scale must be a finite number > 0, got '0'"),
         ("lookahead", "often", "lookahead must be true or false, got 'often'"),
-        ("crop_padding", "-2", "crop_padding must be a whole number >= 0, got '-2'"),
+        ("crop_padding", "-2", "crop_padding must be a whole number in [0, 31], got '-2'"),
+        ("crop_padding", "32", "crop_padding must be a whole number in [0, 31], got '32'"),  # mirrored past the edge
         ("alternating_flip", "2", "alternating_flip must be true or false, got '2'"),
         ("budget_minutes", "-5", "budget_minutes must be a finite number >= 0, got '-5'"),
         ("budget_minutes", "inf", "budget_minutes must be a finite number >= 0, got 'inf'"),
@@ -50,6 +51,8 @@ def test_every_bad_hyperparameter_is_named_by_its_declared_check(name, value, me
         (lambda: params.expected_records("5"), "expected_records must be 'TRAIN,TEST'"),
         (lambda: params.POSITIVE_INT("nproc_per_node", "0"), "nproc_per_node must be a whole number >= 1"),
         (lambda: recipes.resolve("seed", {"warmup_epochs": "6"}), "warmup_epochs (6.0) is longer than the training"),
+        (lambda: recipes.resolve("seed", {"optimizer": "sgd", "momentum": "0"}), "momentum must be above 0 with "
+                                                                                 "optimizer sgd"),
     ],
 )
 def test_bad_step_arguments_name_the_parameter(call, message):
