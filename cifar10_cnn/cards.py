@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 from . import constants as C
 
 
@@ -40,6 +43,10 @@ def model_card(
     load = ("mlflow.pytorch.load_model" if flavor == "pytorch" else "mlflow.pyfunc.load_model")
     trained = {**train_params, "epochs": train_params.get("epochs_planned", train_params.get("epochs")),
                "precision": train_params.get("precision_used", train_params.get("precision"))}  # after auto/budget
+    with contextlib.suppress(KeyError, ValueError, ZeroDivisionError):  # a budget's last epoch may be partial
+        per_epoch = math.ceil(int(train_params["train_records"]) / int(train_params["batch_size"]))
+        if (steps := int(train_params["train_steps"])) != int(trained["epochs"]) * per_epoch:
+            trained["epochs"] = f"{steps / per_epoch:.2f} ({steps:,} steps)"
     hyper = ", ".join(f"{k} {trained[k]}" for k in ("epochs", "batch_size", "learning_rate", "lr_schedule",
                                                     "precision", "seed") if trained.get(k) is not None)
     optimizer = {"sgd": "SGD (Nesterov)", "adam": "Adam",

@@ -78,10 +78,12 @@ def test_model_card_says_how_good_and_how_to_use():
     fast = cards.model_card(  # what trained, after the budget and `auto` decided: not the recipe's request
         name="m", version="1", flavor="pytorch", model="airnet", num_parameters=569656,
         train_params={"epochs": "10", "epochs_planned": "4", "optimizer": "sgd", "lr_schedule": "triangle",
-                      "precision": "auto", "precision_used": "fp32", "train_device": "cpu"},
+                      "precision": "auto", "precision_used": "fp32", "train_device": "cpu",
+                      "train_records": "1000", "batch_size": "10", "train_steps": "350"},  # a budget: 3.5 epochs
         source="s", sha256="ab", sizes={"train": 1, "test": 1}, test_accuracy=0.9, test_loss=0.3, per_class={},
         onnx_max_abs_diff=0.0, onnx_mismatches=0, parity_images=1, run_ids={})
-    assert "Training: SGD (Nesterov), epochs 4, lr_schedule triangle, precision fp32, on cpu" in fast
+    assert "Training: SGD (Nesterov), epochs 3.50 (350 steps), batch_size 10, lr_schedule triangle, precision fp32, " \
+           "on cpu" in fast
 
 
 def test_a_card_says_what_trained_when_the_train_run_was_given_auto():
