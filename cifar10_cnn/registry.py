@@ -290,3 +290,17 @@ def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -
         replaced = str(champion.version)
     move(client, names, CHAMPION, candidate)
     return decision, str(candidate.version), replaced
+
+
+def registered_by(client: MlflowClient, export_tags: dict) -> list[str]:
+    """What an export run registered, as 'NAME vN (@alias, ...)' with the aliases as they are now (a reused
+    export's `candidate` may have moved on since)."""
+    registered = []
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
+        if "/" not in value:  # INT8: off, or lost too much
+            continue
+        name, version = value.split("/")
+        aliases = client.get_model_version(name, version).aliases
+        registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
+    return registered

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import entry_points, params, pipeline, recipes, sources, tracking
+from cifar10_cnn import entry_points, params, pipeline, recipes, registry, sources, tracking
 from cifar10_cnn.errors import UserError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -81,15 +81,7 @@ def run_name(train: dict) -> str:
 
 def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> str:
     line = "=" * 80
-    client = mlflow.MlflowClient()
-    registered = []
-    for flavor in ("pytorch", "onnx", "onnx_int8"):
-        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
-        if "/" not in value:  # INT8: off, or lost too much
-            continue
-        name, version = value.split("/")
-        aliases = client.get_model_version(name, version).aliases
-        registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
+    registered = registry.registered_by(mlflow.MlflowClient(), export_tags)
     steps = ", ".join(f"{name} {rid}" for name, rid in run_ids.items())
     tta = f" ({metrics['test_accuracy_tta']:.2%} with test-time augmentation)" if "test_accuracy_tta" in metrics else ""
     return "\n".join([

@@ -25,6 +25,7 @@ from cifar10_cnn import (
     pipeline,
     plots,
     recipes,
+    registry,
     search,
     sources,
     studies,
@@ -118,7 +119,8 @@ def run(**raw: str) -> None:
                 f"{changed}.{search.budget_note(summary['total'], p['trials'], p['budget_minutes'])} "
                 f"Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
                 + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
-                + f"; registered by export run {export_id} (@{C.CANDIDATE_ALIAS}).")
+                + f"; registered by export run {export_id}: "
+            + ", ".join(registry.registered_by(mlflow.MlflowClient(), mlflow.get_run(export_id).data.tags)) + ".")
         mlflow.set_tag("mlflow.note.content", text)
         say("tune", text)
 
