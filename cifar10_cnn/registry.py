@@ -268,7 +268,7 @@ def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -
             raise UserError(f"{version.name} v{version.version} is a {version.tags['flavor']} model, not the "
                             f"{flavor} one this promotion needs there; give the PyTorch model's name")
     twins = [version for version, _ in twins]
-    if candidate.tags.get(TAG_REGISTRATION) != COMMITTED:
+    if candidate.tags.get(TAG_REGISTRATION) != COMMITTED:  # cards written, but no alias moved
         raise UserError(f"{names.pytorch} v{candidate.version}: no alias ever reached the versions its export "
                         "registered (that export was interrupted, or is still registering); refusing to promote it")
     champion = _by_alias(client, names.pytorch, CHAMPION)
@@ -293,14 +293,8 @@ def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -
 
 
 def registered_by(client: MlflowClient, export_tags: dict) -> list[str]:
-    """What an export run registered, as 'NAME vN (@alias, ...)' with the aliases as they are now (a reused
-    export's `candidate` may have moved on since)."""
-    registered = []
-    for flavor in ("pytorch", "onnx", "onnx_int8"):
-        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
-        if "/" not in value:  # INT8: off, or lost too much
-            continue
-        name, version = value.split("/")
-        aliases = client.get_model_version(name, version).aliases
-        registered.append(f"{name} v{version}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
-    return registered
+    """What an export run registered, 'NAME vN (@alias, ...)', with the aliases as they are now (a reused
+    export's `candidate` may have moved on since). INT8: none where it was off or lost too much."""
+    found = [export_tags.get(C.TAG_REGISTERED.format(flavor=f), "") for f in ("pytorch", "onnx", "onnx_int8")]
+    versions = [client.get_model_version(*value.split("/")) for value in found if "/" in value]
+    return [f"{v.name} v{v.version}" + (f" (@{', @'.join(sorted(v.aliases))})" if v.aliases else "") for v in versions]
