@@ -44,7 +44,8 @@ def model_card(
     trained = {**train_params, "epochs": train_params.get("epochs_planned", train_params.get("epochs")),
                "precision": train_params.get("precision_used", train_params.get("precision"))}  # after auto/budget
     with contextlib.suppress(KeyError, ValueError, ZeroDivisionError):  # a budget's last epoch may be partial
-        per_epoch = math.ceil(int(train_params["train_records"]) / int(train_params["batch_size"]))
+        per_epoch = int(train_params.get("steps_per_epoch") or math.ceil(  # older runs: the usual count
+            int(train_params["train_records"]) / int(train_params["batch_size"])))
         if (steps := int(train_params["train_steps"])) != int(trained["epochs"]) * per_epoch:
             trained["epochs"] = f"{steps / per_epoch:.2f} ({steps:,} steps)"
     hyper = ", ".join(f"{k} {trained[k]}" for k in ("epochs", "batch_size", "learning_rate", "lr_schedule",

@@ -25,7 +25,7 @@ def relaunch_under_torchrun(module: str, argv: list[str], nproc_per_node: str) -
     `python -m module argv` that many times. Otherwise return at once."""
     nproc = str(nproc_per_node).strip()
     if nproc.isdigit() and int(nproc) > 1 and "LOCAL_RANK" not in os.environ:
-        # torchrun gives each rank one thread unless told: on the CPU, the cores shared out instead
+        # torchrun gives each rank one thread unless told: the cores shared out instead (what the CPU needs)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores.machine() // int(nproc))))
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={int(nproc)}", "-m", module, *argv])

@@ -1,7 +1,7 @@
 """A run's heartbeat: the process working on a run tags it with the time every BEAT_S seconds, so another
 process, on any machine that reaches the same tracking store, tells a live one from one whose process or
 machine is gone (SIGKILL, out of memory, a power cut, a cut cable): silent for STALE_S, or, on the same
-machine, its process id ended. Tune's study owner and trials and train runs beat."""
+machine, its process id ended. Every step run beats (tracking.run_step), and so do tune's trials."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _pid_space() -> str:
 
 def lost(run, process_key: str, heartbeat_key: str, since: float | None) -> str | None:
     """Why the process named by `run`'s tag `process_key` no longer works on it, or None while it may: on
-    this machine (and pid namespace) its process id has ended; on any, its heartbeat is over STALE_S old.
+    this machine (and pid namespace) its process id has ended; on another, its heartbeat is over STALE_S old.
     Before its first heartbeat, the time counts from `since` (Unix seconds); None: no heartbeat, not lost."""
     import psutil
 
@@ -44,8 +44,8 @@ def lost(run, process_key: str, heartbeat_key: str, since: float | None) -> str 
     who, _, space = process.partition("/")
     host, _, pid = who.rpartition(":")
     here = host == socket.gethostname() and (not space or space == _pid_space())  # none: an earlier version's tag
-    if here and pid.isdigit() and not psutil.pid_exists(int(pid)):
-        return f"its process {who} has ended"
+    if here and pid.isdigit():  # its process id says it all (a busy or stopped process may not beat)
+        return None if psutil.pid_exists(int(pid)) else f"its process {who} has ended"
     last = run.data.tags.get(heartbeat_key)
     if last is None and since is None:
         return None

@@ -24,7 +24,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import constants as C
-from .errors import UserError
 
 ONNX_VERSION, INT8_VERSION, PYTORCH_VERSION = "onnx_version", "int8_version", "pytorch_version"  # version tags
 TAG_ORPHAN = "orphan"  # on a version an interrupted export left behind: why no alias will point at it
@@ -32,6 +31,10 @@ TAG_REGISTRATION, COMMITTED = "registration", "committed"  # on a PyTorch versio
 CHAMPION, PREVIOUS = "champion", "previous"
 ALIASES = (C.CANDIDATE_ALIAS, CHAMPION, PREVIOUS)
 LOCK = "registry"  # tracking.store_lock's name for a registration or promotion
+# on the registered PyTorch model, while a promotion moves aliases without the lock (a tracking server):
+# '<promote run id> <Unix seconds>'; repair leaves twins' aliases alone meanwhile, other promotions wait
+TAG_PROMOTING = "promoting"
+PROMOTING_STALE_S = 120.0  # a marker older than this was left by a promotion that died mid-way
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
 
     1. Each twin's alias back on the version the PyTorch alias's version names. Without the store's lock
        (`locked` False: a tracking server), only where the twin's alias is on a version of an export run
-       that has ended: another export may be between its alias moves at this moment.
+       that has ended, and no promotion is under way: either may be between its alias moves at this moment.
     2. Every set a PyTorch alias points at is marked committed (TAG_REGISTRATION on its PyTorch version;
        publish marks its own set, and this catches a kill between the commit and the mark).
     3. Versions of an interrupted export, unaliased and in no committed set, tagged TAG_ORPHAN: without
@@ -117,12 +120,12 @@ def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
     """
     changed = []
     for alias in ALIASES:
-        head = _by_alias(client, names.pytorch, alias)
+        head = by_alias(client, names.pytorch, alias)
         for name, tag in names.twins():
             want = head.tags.get(tag) if head else None
-            have = _by_alias(client, name, alias)
-            if (str(have.version) if have else None) == want or (
-                    not locked and have is not None and _export_status(client, have) in ("RUNNING", None)):
+            have = by_alias(client, name, alias)
+            if (str(have.version) if have else None) == want or (not locked and have is not None and (
+                    export_status(client, have) in ("RUNNING", None) or promoting(client, names) is not None)):
                 continue
             if want:
                 client.set_registered_model_alias(name, alias, want)
@@ -139,7 +142,7 @@ def repair(client: MlflowClient, names: Names, locked: bool) -> list[str]:
             if version.aliases or TAG_ORPHAN in version.tags or head in committed \
                     or "export_run_id" not in version.tags:
                 continue
-            status = _export_status(client, version)
+            status = export_status(client, version)
             if status in ("FAILED", "KILLED") or (locked and (status not in ("FINISHED", None)
                                                               or not version.description)):
                 client.set_model_version_tag(name, version.version, TAG_ORPHAN, (
@@ -161,7 +164,7 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
         return []
 
 
-def _export_status(client: MlflowClient, version: ModelVersion) -> str | None:
+def export_status(client: MlflowClient, version: ModelVersion) -> str | None:
     """The status of the export run that made `version`; None when unknown (no tag, or the store says nothing)."""
     run_id = version.tags.get("export_run_id")
     if not run_id:
@@ -172,7 +175,7 @@ def _export_status(client: MlflowClient, version: ModelVersion) -> str | None:
         return None
 
 
-def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+def by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version `alias` names; None when the model or the alias does not exist (other errors raise: a store
     that cannot answer must not look like an alias to remove)."""
     try:
@@ -184,53 +187,8 @@ def _by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
 
 
 def _drop_alias(client: MlflowClient, name: str, alias: str) -> None:
-    if _by_alias(client, name, alias) is not None:
+    if by_alias(client, name, alias) is not None:
         client.delete_registered_model_alias(name, alias)
-
-
-# --- promotion: move `champion` only to a version at least as good, every flavor together ------------
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-    noop: bool = False  # the candidate already is the champion: nothing to change or record
-
-
-def decide(candidate_accuracy: float, champion_accuracy: float | None, same_version: bool, force: bool,
-           other_test_set: str = "") -> Decision:
-    """The promotion gate, as a pure function of the two test accuracies (and, when they were measured on
-    different test sets, `other_test_set` saying so: then they do not compare, and only force moves it)."""
-    if same_version:
-        return Decision(False, "already the champion", noop=True)
-    if champion_accuracy is None:
-        return Decision(True, f"no champion yet; candidate test accuracy {candidate_accuracy:.4f}")
-    if other_test_set:
-        return Decision(force, f"{'forced: ' if force else ''}{other_test_set}, so test accuracy "
-                               f"{candidate_accuracy:.4f} and the champion's {champion_accuracy:.4f} do not compare")
-    if candidate_accuracy >= champion_accuracy:
-        return Decision(True, f"test accuracy {candidate_accuracy:.4f} >= champion's {champion_accuracy:.4f}")
-    if force:
-        return Decision(True, f"forced: test accuracy {candidate_accuracy:.4f} < champion's {champion_accuracy:.4f}")
-    return Decision(False, f"test accuracy {candidate_accuracy:.4f} < champion's {champion_accuracy:.4f}")
-
-
-def _accuracy(version: ModelVersion, name: str) -> float:
-    try:
-        return float(version.tags["test_accuracy"])
-    except (KeyError, ValueError):
-        raise UserError(f"{name} v{version.version} has no test_accuracy tag; only versions registered by the "
-                        "export step can be promoted") from None
-
-
-def _version(client: MlflowClient, name: str, ref: str) -> ModelVersion:
-    """A version by number or by alias ('candidate', 'previous', ...)."""
-    try:
-        if ref.isdigit():
-            return client.get_model_version(name, ref)
-        return client.get_model_version_by_alias(name, ref)
-    except MlflowException:
-        raise UserError(f"registered model {name!r} has no version {ref!r}") from None
 
 
 def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
@@ -244,57 +202,21 @@ def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
     return client.get_model_version(*found) if len(found) == 2 else None
 
 
-def promote(client: MlflowClient, names: Names, ref: str, force: bool = False) -> tuple[Decision, str, str | None]:
-    """Point `champion` of the three registered models at the versions one training run made, if the gate
-    allows.
-
-    The replaced versions get the alias `previous`, so rolling back is one more promotion (`previous`,
-    forced). Returns the decision, the candidate's version and the replaced version, if any. Every
-    check runs before the first alias moves: a refused or invalid promotion changes no alias; the
-    aliases move as publish moves them (the PyTorch one last).
-    """
-    candidate = _version(client, names.pytorch, ref)
-    accuracy = _accuracy(candidate, names.pytorch)
-    twins = [(_version(client, name, candidate.tags.get(tag, "?")), flavor) for (name, tag), flavor
-             in zip(names.twins(), ("onnx", "onnx-int8"), strict=True) if tag in candidate.tags or tag == ONNX_VERSION]
-    for version, flavor in ((candidate, "pytorch"), *twins):
-        if not complete(version):
-            raise UserError(f"{version.name} v{version.version} was not registered whole "
-                            f"({version.tags.get(TAG_ORPHAN, 'no model card')}); refusing to promote it")
-        if version.tags.get("train_run_id") != candidate.tags.get("train_run_id"):
-            raise UserError(f"{version.name} v{version.version} was not trained by the same run as "
-                            f"{names.pytorch} v{candidate.version}; refusing to pair them")
-        if version.tags.get("flavor", flavor) != flavor:  # e.g. -P model_name=NAME-onnx named the ONNX model
-            raise UserError(f"{version.name} v{version.version} is a {version.tags['flavor']} model, not the "
-                            f"{flavor} one this promotion needs there; give the PyTorch model's name")
-    twins = [version for version, _ in twins]
-    if candidate.tags.get(TAG_REGISTRATION) != COMMITTED:  # cards written, but no alias moved
-        raise UserError(f"{names.pytorch} v{candidate.version}: no alias ever reached the versions its export "
-                        "registered (that export was interrupted, or is still registering); refusing to promote it")
-    champion = _by_alias(client, names.pytorch, CHAMPION)
-    data = {v.tags.get("dataset_sha256") for v in (candidate, champion) if v is not None}
-    decision = decide(accuracy, _accuracy(champion, names.pytorch) if champion else None,
-                      champion is not None and str(champion.version) == str(candidate.version), force,
-                      "measured on another test set (dataset_sha256 differs)" if len(data) > 1 else "")
-    if decision.noop:  # leave the tags that say why it became champion as they are
-        return decision, str(candidate.version), None
-    outcome = "promoted" if decision.promote else "refused"
-    for version in (candidate, *twins):
-        client.set_model_version_tag(version.name, str(version.version), "promotion", f"{outcome}: {decision.reason}")
-    if not decision.promote:
-        return decision, str(candidate.version), None
-    replaced = None
-    if champion is not None:
-        move(client, names, PREVIOUS, champion)
-        client.set_model_version_tag(names.pytorch, str(champion.version), "replaced_by", str(candidate.version))
-        replaced = str(champion.version)
-    move(client, names, CHAMPION, candidate)
-    return decision, str(candidate.version), replaced
-
-
 def registered_by(client: MlflowClient, export_tags: dict) -> list[str]:
     """What an export run registered, 'NAME vN (@alias, ...)', with the aliases as they are now (a reused
     export's `candidate` may have moved on since). INT8: none where it was off or lost too much."""
     found = [export_tags.get(C.TAG_REGISTERED.format(flavor=f), "") for f in ("pytorch", "onnx", "onnx_int8")]
     versions = [client.get_model_version(*value.split("/")) for value in found if "/" in value]
     return [f"{v.name} v{v.version}" + (f" (@{', @'.join(sorted(v.aliases))})" if v.aliases else "") for v in versions]
+
+
+def promoting(client: MlflowClient, names: Names) -> str | None:
+    """The run id of the promotion under way on `names` (TAG_PROMOTING, fresh), or None."""
+    import time
+
+    marker = client.get_registered_model(names.pytorch).tags.get(TAG_PROMOTING, "")
+    run_id, _, since = marker.partition(" ")
+    try:
+        return run_id if time.time() - float(since) < PROMOTING_STALE_S else None
+    except ValueError:
+        return None

@@ -202,7 +202,8 @@ def ask(study):
 
 def wait_for_trials(study, poll_s: float = 2.0) -> list:
     """Every trial, once none is RUNNING (other workers' included). A trial whose process is lost is marked
-    FAILED (`fail_lost`): a worker machine that died mid-trial keeps the owner waiting STALE_S, not for good."""
+    FAILED (`fail_lost`): a worker machine that died mid-trial keeps the owner waiting heartbeat.STALE_S,
+    not for good."""
     while True:
         trials = study.get_trials(deepcopy=False)
         if not any(t.state.name == "RUNNING" for t in trials):

@@ -22,6 +22,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from . import constants as C
+from . import heartbeat
 from .errors import UserError
 from .progress import quiet_mlflow_bars_unless_interactive, say
 
@@ -73,11 +74,14 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     run = mlflow.start_run(log_system_metrics=system_metrics)
     try:
         tag_experiment_kind(run.info.experiment_id)
-        mlflow.set_tag(C.TAG_STEP, step)
+        # the step's process beats while it works: e.g. a resume tells a live train run from a killed one
+        mlflow.set_tags({C.TAG_STEP: step, C.TAG_PROCESS: heartbeat.this_process(),
+                         C.TAG_HEARTBEAT: f"{time.time():.0f}"})
         # The step's own arguments are its params, as `mlflow run` would log them: downstream steps
         # read them from here (e.g. evaluate finds the ingest run through the train run's params).
         log_new_params(kwargs)
-        body(**kwargs)
+        with heartbeat.beating(run.info.run_id, C.TAG_HEARTBEAT):
+            body(**kwargs)
     except UserError as exc:
         mlflow.end_run("FAILED")
         print(f"error: {step}: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ import mlflow
 from cifar10_cnn import constants as C
 from cifar10_cnn import entry_points, params, pipeline, recipes, registry, sources, tracking
 from cifar10_cnn.errors import UserError
+from cifar10_cnn.progress import say
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -18,6 +19,8 @@ def run(**raw) -> None:
     p = check_main_params(raw)
     parent = mlflow.active_run()
     mlflow.MlflowClient().update_run(parent.info.run_id, name=run_name(p["train"]))
+    if p["resume_run_id"] != "none":
+        say("main", f"resuming train run {p['resume_run_id']}: its recipe, {p['train']['recipe']}")
     steps = pipeline.Steps(PROJECT_DIR, "main", p["reuse"])
     ingest_id = steps.ingest(p["data"], p["expected_records"], p["source"])
     train_id = steps.run("train", {"ingest_run_id": ingest_id, **p["train"], "device": p["device"],

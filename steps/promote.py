@@ -1,9 +1,11 @@
 """promote: move `champion` to a registered version when its test accuracy is at least the champion's."""
 
+import contextlib
+
 import mlflow
 
 from cifar10_cnn import constants as C
-from cifar10_cnn import entry_points, params, registry, tracking
+from cifar10_cnn import entry_points, params, promotion, registry, tracking
 from cifar10_cnn.errors import UserError
 from cifar10_cnn.progress import say
 
@@ -16,12 +18,13 @@ def run(version: str, model_name: str, force: str) -> None:
     client = mlflow.MlflowClient()
     # Read-compare-move must not interleave with another promotion or a registration, or the flavors
     # could end up with champions from different runs; one interrupted before is repaired first.
-    with tracking.store_lock(registry.LOCK) as locked:
+    # Without a lock (a tracking server), a marker on the registered model keeps promotions one at a time.
+    with tracking.store_lock(registry.LOCK) as locked, contextlib.ExitStack() as marked:
         if not locked:
-            say("promote", "note: this tracking store offers no lock; run one promotion at a time")
+            marked.enter_context(promotion.one_at_a_time(client, names, mlflow.active_run().info.run_id))
         for change in registry.repair(client, names, locked):
             say("promote", f"repaired an interrupted registration: {change}")
-        decision, chosen, replaced = registry.promote(client, names, ref, forced)
+        decision, chosen, replaced = promotion.promote(client, names, ref, forced)
     mlflow.set_tags({C.TAG_PROMOTION: "promoted" if decision.promote else "refused",
                      C.TAG_PROMOTION_REASON: decision.reason, C.TAG_CANDIDATE_VERSION: chosen})
     if not decision.promote:

@@ -5,7 +5,6 @@ DistributedDataParallel); rank 0 logs to the MLflow run, the other ranks never o
 """
 
 import sys
-import time
 from dataclasses import asdict
 
 import mlflow
@@ -16,7 +15,6 @@ from cifar10_cnn import (
     distributed,
     entry_points,
     hardware,
-    heartbeat,
     models,
     params,
     plots,
@@ -38,8 +36,6 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     the resolved config, the data and any resume state.
     """
     rank, world = distributed.rank_and_world()
-    # alive while it beats (during training): a resume of this run elsewhere waits for it to be gone
-    mlflow.set_tags({C.TAG_PROCESS: heartbeat.this_process(), C.TAG_HEARTBEAT: f"{time.time():.0f}"})
     try:
         config, why, target, dataset, resume, ingest_run_id, resume_run_id = prepare(
             ingest_run_id, recipe, device, resume_run_id, nproc_per_node, world, overrides)
@@ -82,7 +78,8 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
 
     def on_plan(plan: training.Plan) -> None:
         planned[0] = plan.epochs
-        tracking.log_new_params({"epochs_planned": plan.epochs, "train_steps": plan.total_steps})
+        tracking.log_new_params({"epochs_planned": plan.epochs, "train_steps": plan.total_steps,
+                                 "steps_per_epoch": plan.steps_per_epoch})
         if plan.step_seconds is None:
             say("train", f"{plan.epochs} epochs of {plan.steps_per_epoch} steps")
             return
@@ -109,9 +106,8 @@ def run(ingest_run_id: str, recipe: str, device: str, resume_run_id: str = "none
     def on_checkpoint(net, history: list, state: dict) -> None:
         checkpoints.log_epoch_checkpoint(checkpoints.snapshot(net, config, history, state))
 
-    with heartbeat.beating(mlflow.active_run().info.run_id, C.TAG_HEARTBEAT):
-        history = training.train(net, images, labels, config, target, on_epoch, on_checkpoint=on_checkpoint,
-                                 resume=resume, on_plan=on_plan, held_out=held_out)
+    history = training.train(net, images, labels, config, target, on_epoch, on_checkpoint=on_checkpoint,
+                             resume=resume, on_plan=on_plan, held_out=held_out)
 
     mlflow.log_metric("train_seconds", sum(r.seconds for r in history))
     net.cpu().eval()

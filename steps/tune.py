@@ -62,6 +62,11 @@ def run(**raw: str) -> None:
     def owns() -> bool:
         return studies.owns(opened.study_run_id, tune_run.info.run_id)
 
+    def still_owner() -> None:  # this process was silent for heartbeat.STALE_S (asleep, cut off): the other wins
+        if not owns():
+            raise UserError(f"study {p['study']!r} was taken over by another tune run while this one was silent "
+                            f"for over {heartbeat.STALE_S:g} s; that run trains and registers its winner")
+
     holding = contextlib.nullcontext() if opened.role == "worker" else heartbeat.beating(
         opened.study_run_id, studies.TAG_OWNER_HEARTBEAT, still=owns)
     with holding:
@@ -76,9 +81,7 @@ def run(**raw: str) -> None:
                 return
             studies.take_no_new_trials(opened.study, f"owner run {tune_run.info.run_id} is done asking")
             finished = studies.wait_for_trials(opened.study)
-            if not owns():  # this process was silent for heartbeat.STALE_S (asleep, cut off): the other trains it
-                raise UserError(f"study {p['study']!r} was taken over by another tune run while this one was "
-                                f"silent for over {heartbeat.STALE_S:g} s; that run trains and registers its winner")
+            still_owner()
         except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
             if opened.role != "worker":
                 with contextlib.suppress(Exception):  # the store may be what failed: report the first error
@@ -105,11 +108,13 @@ def run(**raw: str) -> None:
         # this study's winner made it (a resumed tune): a card never names a study its model did not come from.
         tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
                 C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}
+        still_owner()
         train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
                                        "validation": 0, "device": p["device"], "nproc_per_node": 1,
                                        "resume_run_id": "none"},
                              match_tags={k: str(v) for k, v in tags.items()})
         mlflow.MlflowClient().log_batch(train_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        still_owner()  # before registering: the winner's training took a while
         evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
         test = mlflow.get_run(evaluate_id).data.metrics
         mlflow.log_metrics({k: test[k] for k in ("test_accuracy", "test_accuracy_tta") if k in test})

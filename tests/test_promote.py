@@ -3,7 +3,7 @@
 import pytest
 from mlflow import MlflowClient
 
-from cifar10_cnn import registry
+from cifar10_cnn import promotion, registry
 from cifar10_cnn.errors import UserError
 from steps import promote as promote_step
 
@@ -30,15 +30,15 @@ def aliases(client):
 
 
 def test_decide():
-    assert registry.decide(0.6, None, False, False).promote
-    assert registry.decide(0.6, 0.6, False, False).promote  # at least as good
-    assert not registry.decide(0.59, 0.6, False, False).promote
-    forced = registry.decide(0.59, 0.6, False, True)
+    assert promotion.decide(0.6, None, False, False).promote
+    assert promotion.decide(0.6, 0.6, False, False).promote  # at least as good
+    assert not promotion.decide(0.59, 0.6, False, False).promote
+    forced = promotion.decide(0.59, 0.6, False, True)
     assert forced.promote and forced.reason.startswith("forced")
-    assert registry.decide(0.7, 0.6, True, False).noop  # already champion
-    other = registry.decide(0.7, 0.6, False, False, "measured on another test set")
+    assert promotion.decide(0.7, 0.6, True, False).noop  # already champion
+    other = promotion.decide(0.7, 0.6, False, False, "measured on another test set")
     assert not other.promote and "do not compare" in other.reason
-    assert registry.decide(0.7, 0.6, False, True, "measured on another test set").reason.startswith("forced")
+    assert promotion.decide(0.7, 0.6, False, True, "measured on another test set").reason.startswith("forced")
 
 
 def test_first_then_better_then_worse_then_forced_then_rollback(store, tmp_path, capsys):
@@ -106,23 +106,46 @@ def test_unpaired_flavors_are_refused(store, tmp_path):
     v1 = register_pair(client, tmp_path, 0.6, run="a")
     client.set_model_version_tag("m-onnx", v1[1], "train_run_id", "x" * 32)
     with pytest.raises(UserError, match="was not trained by the same run"):
-        registry.promote(client, registry.Names("m"), v1[0])
+        promotion.promote(client, registry.Names("m"), v1[0])
     assert aliases(client) == {"m": {}, "m-onnx": {}}
 
 
 def test_what_promote_refuses_to_pair_or_compare(store, tmp_path):
     client, names = MlflowClient(), registry.Names("m")
     champion = register_pair(client, tmp_path, 0.6, run="a")
-    registry.promote(client, names, champion[0])
+    promotion.promote(client, names, champion[0])
     other_data = register_pair(client, tmp_path, 0.7, run="b", data="another archive")
-    decision, _, _ = registry.promote(client, names, other_data[0])  # a higher figure, on other test images
-    assert not decision.promote and "another test set" in decision.reason
+    decision, _, _ = promotion.promote(client, names, other_data[0])  # a higher figure, on other test images
+    assert not decision.promote and "scored on other data" in decision.reason
     wrong_flavor = register_pair(client, tmp_path, 0.7, run="c")
     client.set_model_version_tag("m-onnx", wrong_flavor[1], "flavor", "pytorch")  # a PyTorch model in the ONNX slot
     with pytest.raises(UserError, match="is a pytorch model, not the onnx one"):
-        registry.promote(client, names, wrong_flavor[0])
+        promotion.promote(client, names, wrong_flavor[0])
     interrupted = register_pair(client, tmp_path, 0.7, run="d")  # its export was killed before any alias
     client.delete_model_version_tag("m", interrupted[0], registry.TAG_REGISTRATION)
+    killed = client.create_run("0").info.run_id  # on a server, a SIGKILLed export stays RUNNING
+    client.set_model_version_tag("m", interrupted[0], "export_run_id", killed)
     with pytest.raises(UserError, match="no alias ever reached"):
-        registry.promote(client, names, interrupted[0])
-    assert aliases(client) == {"m": {"champion": int(champion[0])}, "m-onnx": {"champion": int(champion[1])}}
+        promotion.promote(client, names, interrupted[0])
+    client.set_terminated(killed, "FINISHED")  # registered by an export that ended, before the tag existed
+    assert promotion.promote(client, names, interrupted[0])[0].promote
+    assert aliases(client)["m"] == {"champion": int(interrupted[0]), "previous": int(champion[0])}
+
+
+def test_without_a_lock_promotions_take_turns_and_repair_waits_for_one(store, tmp_path):
+    """On a tracking server (no lock): a promotion marks the registered model while it moves aliases, so a
+    second one is refused and an export's repair does not move a twin's alias back meanwhile."""
+    client, names = MlflowClient(), registry.Names("m")
+    first, second = register_pair(client, tmp_path, 0.6, run="a"), register_pair(client, tmp_path, 0.7, run="b")
+    promotion.promote(client, names, first[0])
+    export = client.create_run("0").info.run_id  # the second set's export ended long ago
+    client.set_terminated(export, "FINISHED")
+    client.set_model_version_tag("m-onnx", second[1], "export_run_id", export)
+    with promotion.one_at_a_time(client, names, "a" * 32, settle_s=0):
+        with pytest.raises(UserError, match=f"promote run {'a' * 32} is promoting m right now"):
+            with promotion.one_at_a_time(client, names, "b" * 32, settle_s=0):
+                pass
+        client.set_registered_model_alias("m-onnx", "champion", second[1])  # mid-way: the twin moved first
+        assert registry.repair(client, names, locked=False) == []  # left to the promotion under way
+    assert registry.promoting(client, names) is None  # the marker is gone with it
+    assert registry.repair(client, names, locked=False) == [f"m-onnx@champion -> {first[1]}"]  # a dead one's: undone
