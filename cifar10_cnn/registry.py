@@ -204,10 +204,21 @@ def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
 
 def registered_by(client: MlflowClient, export_tags: dict) -> list[str]:
     """What an export run registered, 'NAME vN (@alias, ...)', with the aliases as they are now (a reused
-    export's `candidate` may have moved on since). INT8: none where it was off or lost too much."""
-    found = [export_tags.get(C.TAG_REGISTERED.format(flavor=f), "") for f in ("pytorch", "onnx", "onnx_int8")]
-    versions = [client.get_model_version(*value.split("/")) for value in found if "/" in value]
-    return [f"{v.name} v{v.version}" + (f" (@{', @'.join(sorted(v.aliases))})" if v.aliases else "") for v in versions]
+    export's `candidate` may have moved on since; a version deleted since says so). INT8: none where it was
+    off or lost too much."""
+    shown = []
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
+        if "/" not in value:
+            continue
+        name, number = value.split("/")
+        try:
+            aliases = client.get_model_version(name, number).aliases
+        except MlflowException:
+            shown.append(f"{name} v{number} (deleted)")
+            continue
+        shown.append(f"{name} v{number}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
+    return shown
 
 
 def promoting(client: MlflowClient, names: Names) -> str | None:

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from cifar10_cnn import constants as C
 from cifar10_cnn import registry
 from steps import promote as promote_step
 
@@ -130,3 +131,13 @@ def test_promote_refuses_an_orphan(store, capsys):
     with pytest.raises(SystemExit):
         promote_step.main(["--model-name", "m", "--version", str(orphan.version)])
     assert f"m v{orphan.version} was not registered whole (registration interrupted" in capsys.readouterr().err
+
+
+def test_what_an_export_registered_is_shown_with_its_aliases_as_they_are_now(store, tmp_path):
+    client = MlflowClient()
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path))
+    client.set_registered_model_alias("m", "champion", "1")
+    tags = {C.TAG_REGISTERED.format(flavor="pytorch"): "m/1", C.TAG_REGISTERED.format(flavor="onnx"): "m-onnx/3",
+            C.TAG_REGISTERED.format(flavor="onnx_int8"): "not registered: drop 2.00 > 1.0 points"}
+    assert registry.registered_by(client, tags) == ["m v1 (@champion)", "m-onnx v3 (deleted)"]
