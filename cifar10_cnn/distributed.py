@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import cores
+from .errors import UserError
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -20,11 +21,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def relaunch_under_torchrun(module: str, argv: list[str], nproc_per_node: str) -> None:
+def relaunch_under_torchrun(module: str, argv: list[str], nproc_per_node: str, device: str) -> None:
     """With nproc_per_node > 1 and not yet under torchrun: replace this process by torchrun running
-    `python -m module argv` that many times. Otherwise return at once."""
+    `python -m module argv` that many times. Otherwise return at once. A UserError when the processes
+    would train on CUDA and there are fewer GPUs than processes (one GPU each)."""
     nproc = str(nproc_per_node).strip()
     if nproc.isdigit() and int(nproc) > 1 and "LOCAL_RANK" not in os.environ:
+        if device in ("auto", "cuda") and torch.cuda.is_available() and int(nproc) > torch.cuda.device_count():
+            raise UserError(f"nproc_per_node {nproc} needs a GPU each and this machine has "
+                            f"{torch.cuda.device_count()}; give at most that many, or -P device=cpu")
         # torchrun gives each rank one thread unless told: the cores shared out instead (what the CPU needs)
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores.machine() // int(nproc))))
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",

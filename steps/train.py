@@ -173,7 +173,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = entry_points.parser("train", __doc__).parse_args(argv)
     tracking.end_with_parent()  # before torchrun takes this process over: it would outlive a killed recipe
-    distributed.relaunch_under_torchrun("steps.train", argv, args.nproc_per_node)  # returns when not needed
+    try:
+        distributed.relaunch_under_torchrun("steps.train", argv, args.nproc_per_node, args.device)  # or returns
+    except UserError as exc:  # before any run: mlflow run ends its run FAILED on the exit code
+        print(f"error: train: {exc}", file=sys.stderr)
+        sys.exit(2)
     rank, _ = distributed.join(args.device)
     try:
         if rank == 0:

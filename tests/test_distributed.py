@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from mlflow import MlflowClient
 
-from cifar10_cnn import models, recipes, training
+from cifar10_cnn import distributed, models, recipes, training
 from steps import ingest
 from tests.conftest import PROJECT_DIR, free_port, runs_env
 from tests.test_training import data
@@ -73,3 +73,21 @@ def test_train_step_under_torchrun_logs_from_rank_zero_only(store, archive):
     newest = max(mlflow.search_runs(search_all_experiments=True, output_format="list",
                                     filter_string="tags.`cifar10.step` = 'train'"), key=lambda r: r.info.start_time)
     assert newest.info.status == "FAILED"
+
+
+def test_more_processes_than_gpus_is_refused_before_torchrun_starts(monkeypatch, capsys):
+    from steps import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("torchrun started"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--ingest-run-id", "0" * 32, "--nproc-per-node", "2"])
+    assert exit_.value.code == 2
+    assert "nproc_per_node 2 needs a GPU each and this machine has 1" in capsys.readouterr().err
+    launched = []
+    monkeypatch.setattr(os, "execv", lambda *args: launched.append(args))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own: kept (and restored after this test)
+    distributed.relaunch_under_torchrun("steps.train", [], "2", "cpu")  # on the CPU, any number of processes
+    assert launched and "--nproc-per-node=2" in launched[0][1] and os.environ["OMP_NUM_THREADS"] == "7"
