@@ -47,6 +47,8 @@ TAG_SOURCE = "cifar10.source"  # ingest run: where the data came from (URL or pa
 TAG_LAST_CHECKPOINT = "cifar10.last_checkpoint_epoch"
 TAG_RESUMED_FROM = "cifar10.resumed_from"  # train run: '<run id> after epoch N' when it continued a killed run
 TAG_RESUMED_BY = "cifar10.resumed_by"  # the killed train run: the run that continued it
+TAG_CODE_COMMIT = "cifar10.code_commit"  # a step run main or tune ran: its git commit, set only when the
+# checkout had no uncommitted changes before and after it ran (MLflow's own commit tag is set either way)
 TAG_PROCESS = "cifar10.process"  # a step run: 'host:pid' of its process (heartbeat.this_process)
 TAG_HEARTBEAT = "cifar10.heartbeat"  # a step run: when that process last beat (Unix seconds)
 TAG_SOURCE_SHA256 = "cifar10.source_sha256"  # ingest run: sha256 of the archive (or folder) it read

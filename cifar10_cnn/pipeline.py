@@ -36,11 +36,10 @@ class Steps:
         self.project_dir, self.who, self.parent_id = project_dir, who, parent.info.run_id
         self.experiment_id = parent.info.experiment_id
         self.reused: list[str] = []
-        self.commit = None
-        if reuse:
-            self.commit, why_not = code_version(project_dir)
-            if self.commit is None:
-                say(who, f"not reusing earlier step runs: {why_not}")
+        self.code, why_not = code_version(project_dir)  # tags the step runs made from a clean checkout
+        self.commit = self.code if reuse else None  # what reuse matches on
+        if reuse and self.commit is None:
+            say(who, f"not reusing earlier step runs: {why_not}")
 
     def run(self, entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
         """The run id of `entry_point` with these parameters: an earlier FINISHED one, or a new nested run."""
@@ -60,6 +59,8 @@ class Steps:
         except mlflow.exceptions.ExecutionException:
             raise UserError(f"step {entry_point} failed; its error is printed above") from None
         mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), submitted.run_id)
+        if self.code and code_version(self.project_dir)[0] == self.code:  # unchanged while it ran: reusable
+            mlflow.MlflowClient().set_tag(submitted.run_id, C.TAG_CODE_COMMIT, self.code)
         return submitted.run_id
 
     def ingest(self, data: str, expected_records: str, source: sources.Source | None) -> str:
@@ -121,14 +122,16 @@ def code_version(project_dir: Path) -> tuple[str | None, str]:
 def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
     """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
 
-    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes.
+    Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes. The commit
+    is C.TAG_CODE_COMMIT, not MLflow's `mlflow.source.git.commit`: MLflow tags HEAD even when the checkout
+    had uncommitted changes, which would make an edited run pass for the commit's.
     """
     import shlex
 
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], output_format="list", order_by=["attributes.start_time DESC"],
         filter_string=(f"tags.`{C.TAG_STEP}` = '{entry_point}' and attributes.status = 'FINISHED' "
-                       f"and tags.`mlflow.source.git.commit` = '{commit}'"),
+                       f"and tags.`{C.TAG_CODE_COMMIT}` = '{commit}'"),
     )
     for run in runs:
         if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(

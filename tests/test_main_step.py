@@ -141,14 +141,18 @@ def test_reuse_takes_only_a_finished_run_of_the_same_code_parameters_and_data(st
     params = {"ingest_run_id": "a" * 32, "epochs": "2"}
 
     def step_run(status="FINISHED", commit="c0ffee", **changed):
-        run = client.create_run("0", tags={C.TAG_STEP: "train", "mlflow.source.git.commit": commit,
-                                           C.TAG_SOURCE_SHA256: "d1"})
+        run = client.create_run("0", tags={C.TAG_STEP: "train", C.TAG_CODE_COMMIT: commit,
+                                           "mlflow.source.git.commit": "c0ffee", C.TAG_SOURCE_SHA256: "d1"})
         for key, value in {**params, **changed}.items():
             client.log_param(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
     step_run(epochs="3"), step_run(commit="0ther"), step_run(status="FAILED")
+    dirty = client.create_run("0", tags={C.TAG_STEP: "train", "mlflow.source.git.commit": "c0ffee"})  # edited code
+    for key, value in params.items():
+        client.log_param(dirty.info.run_id, key, value)
+    client.set_terminated(dirty.info.run_id, "FINISHED")
     assert pipeline.reusable("0", "train", params, "c0ffee", {}) is None
     same = step_run()
     assert pipeline.reusable("0", "train", params, "c0ffee", {}) == same
