@@ -41,11 +41,13 @@ class Steps:
         if reuse and self.commit is None:
             say(who, f"not reusing earlier step runs: {why_not}")
 
-    def run(self, entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None) -> str:
-        """The run id of `entry_point` with these parameters: an earlier FINISHED one, or a new nested run."""
+    def run(self, entry_point: str, parameters: dict, can_reuse: bool = True, match_tags: dict | None = None,
+            still_good: Callable | None = None) -> str:
+        """The run id of `entry_point` with these parameters: an earlier FINISHED one (for which
+        `still_good(run)` holds, when given), or a new nested run."""
         parameters = {k: str(v) for k, v in parameters.items()}
         if can_reuse and self.commit and (earlier := reusable(
-                self.experiment_id, entry_point, parameters, self.commit, match_tags or {})):
+                self.experiment_id, entry_point, parameters, self.commit, match_tags or {}, still_good)):
             say(self.who, f"step {entry_point}: reusing FINISHED run {earlier} (same parameters, code and data)")
             self.reused.append(entry_point)
             mlflow.set_tag(C.TAG_STEP_RUN.format(step=entry_point), earlier)
@@ -92,7 +94,8 @@ class Steps:
                 evaluate_started = child_run_id(evaluate, self.parent_id, self.experiment_id, "evaluate")
                 try:
                     export_id = self.run("export", {"train_run_id": train_id, "evaluate_run_id": evaluate_started,
-                                                    "model_name": model_name, "int8": int8})
+                                                    "model_name": model_name, "int8": int8},
+                                         still_good=still_registered)
                 finally:
                     cores.free("export")  # it failed, or was reused: evaluate may still run
             except UserError:
@@ -119,7 +122,8 @@ def code_version(project_dir: Path) -> tuple[str | None, str]:
     return head.stdout.strip(), ""
 
 
-def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict) -> str | None:
+def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str, tags: dict,
+             still_good: Callable | None = None) -> str | None:
     """The newest FINISHED run of `entry_point` made by this commit with these exact parameters and tags.
 
     Parameters are compared as the strings MLflow stores, like every value `mlflow run` passes. The commit
@@ -135,9 +139,23 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
     )
     for run in runs:
         if all(run.data.params.get(k) in (v, shlex.quote(v)) for k, v in parameters.items()) and all(
-                run.data.tags.get(k) == v for k, v in tags.items()):
+                run.data.tags.get(k) == v for k, v in tags.items()) and (still_good is None or still_good(run)):
             return run.info.run_id
     return None
+
+
+def still_registered(export_run) -> bool:
+    """Whether every version an export run registered still exists (a user may have deleted one since:
+    then the export runs again rather than report versions that are gone)."""
+    client = mlflow.MlflowClient()
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        name, _, version = export_run.data.tags.get(C.TAG_REGISTERED.format(flavor=flavor), "").partition("/")
+        if version:
+            try:
+                client.get_model_version(name, version)
+            except mlflow.exceptions.MlflowException:
+                return False
+    return True
 
 
 def in_thread(fn: Callable, *args) -> Future:

@@ -158,6 +158,14 @@ def test_reuse_takes_only_a_finished_run_of_the_same_code_parameters_and_data(st
     assert pipeline.reusable("0", "train", params, "c0ffee", {}) == same
     assert pipeline.reusable("0", "train", params, "c0ffee", {C.TAG_SOURCE_SHA256: "d2"}) is None  # other data
     assert pipeline.reusable("0", "train", {**params, "epochs": "3"}, "c0ffee", {}) != same
+    # an export whose registered version was deleted since runs again
+    export = client.create_run("0", tags={C.TAG_STEP: "export", C.TAG_CODE_COMMIT: "c0ffee",
+                                          C.TAG_REGISTERED.format(flavor="onnx"): "m-onnx/1"}).info.run_id
+    client.set_terminated(export, "FINISHED")
+    assert pipeline.reusable("0", "export", {}, "c0ffee", {}, pipeline.still_registered) is None
+    client.create_registered_model("m-onnx")
+    client.create_model_version("m-onnx", "file:///nowhere")
+    assert pipeline.reusable("0", "export", {}, "c0ffee", {}, pipeline.still_registered) == export
 
 
 def test_code_version_is_a_clean_git_commit(tmp_path):
