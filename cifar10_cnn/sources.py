@@ -66,7 +66,10 @@ def resolve_source(data: str, cache_dir: Path, env: dict | None = None, fetch: b
     except ValueError as exc:  # e.g. http://[::1/x
         raise UserError(f"data: {data!r} is not a valid URL ({exc})") from None
     if scheme in ("http", "https"):
-        return Source(_download_cached(data, cache_dir), "archive", data) if fetch else None
+        if not fetch:  # known only once downloaded: then its bytes decide whether ingest can be reused
+            cached = _cache_path(data, cache_dir)
+            return Source(cached.resolve(), "archive", data) if cached.is_file() else None
+        return Source(_download_cached(data, cache_dir), "archive", data)
     if scheme == "file":
         data = urllib.request.url2pathname(urllib.parse.urlparse(data).path)
     path = Path(data).expanduser()
@@ -125,10 +128,14 @@ def _local_source(path: Path) -> Source:
     return Source(path, "archive", str(path))
 
 
-def _download_cached(url: str, cache_dir: Path) -> Path:
+def _cache_path(url: str, cache_dir: Path) -> Path:
     name = posixpath.basename(urllib.parse.urlparse(url).path) or C.ARCHIVE_NAME
     key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    dest = cache_dir / (C.ARCHIVE_NAME if url == C.OFFICIAL_URL else f"{key}-{name}")
+    return cache_dir / (C.ARCHIVE_NAME if url == C.OFFICIAL_URL else f"{key}-{name}")
+
+
+def _download_cached(url: str, cache_dir: Path) -> Path:
+    dest = _cache_path(url, cache_dir)
     if dest.is_file():  # only ever renamed into place once complete (and md5-checked if official)
         return dest.resolve()
     return download(url, dest, md5=C.OFFICIAL_MD5 if url == C.OFFICIAL_URL else None)

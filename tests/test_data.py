@@ -188,6 +188,14 @@ def test_auto_without_cache_or_env_would_download_official(tmp_path):
     assert sources.resolve_source("auto", tmp_path, env={}, fetch=False) is None
 
 
+def test_a_url_downloaded_before_is_known_without_fetching(tmp_path, archive):
+    url = "https://example.org/cifar.tar.gz"
+    assert sources.resolve_source(url, tmp_path, fetch=False) is None  # not yet: ingest must download it
+    sources.download(archive.as_uri(), sources._cache_path(url, tmp_path))  # as ingest's download leaves it
+    src = sources.resolve_source(url, tmp_path, fetch=False)  # now its bytes decide whether ingest is reused
+    assert src.origin == url and src.path.read_bytes() == archive.read_bytes()
+
+
 def test_environment_naming_a_missing_file(tmp_path):
     with pytest.raises(UserError, match=rf"{C.ARCHIVE_ENV} names .*nope\.tar\.gz, which does not exist"):
         sources.resolve_source("auto", tmp_path, env={C.ARCHIVE_ENV: str(tmp_path / "nope.tar.gz")})
