@@ -26,6 +26,15 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f"/{space}" if (space := _pid_space()) else "")
 
 
+def first_beat(process_key: str, heartbeat_key: str) -> dict:
+    """The tags that name this process and beat once, for a run it starts working on."""
+    return {process_key: this_process(), heartbeat_key: _now()}
+
+
+def _now() -> str:
+    return f"{time.time():.0f}"
+
+
 def _pid_space() -> str:
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
@@ -55,18 +64,16 @@ def lost(run, process_key: str, heartbeat_key: str, since: float | None) -> str 
 
 
 @contextlib.contextmanager
-def beating(run_id: str, heartbeat_key: str, still=lambda: True):
+def beating(run_id: str, heartbeat_key: str):
     """While the block runs, tag run `run_id` with the time every BEAT_S seconds, from a thread (training
-    releases the GIL in torch's kernels), as long as `still()` holds. A failed write is retried at the next
-    beat, never raised; leaving does not wait for a write the store is slow to answer."""
+    releases the GIL in torch's kernels). A failed write is retried at the next beat, never raised; leaving
+    does not wait for a write the store is slow to answer."""
     client, stop = mlflow.MlflowClient(), threading.Event()
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
             with contextlib.suppress(Exception):  # the store may be out for a moment: the next beat retries
-                if not still():
-                    return
-                client.set_tag(run_id, heartbeat_key, f"{time.time():.0f}")
+                client.set_tag(run_id, heartbeat_key, _now())
 
     thread = threading.Thread(target=beat, name=f"heartbeat of run {run_id}", daemon=True)
     thread.start()

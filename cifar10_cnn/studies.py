@@ -8,9 +8,10 @@ trains its winner; a tune run started with the same study name while the owner i
 trials the dead process left RUNNING are marked FAILED, the finished ones are kept, and it takes over.
 Joining or resuming takes the settings the study was made with (recipe, space, held-out images).
 
-A process tells a live owner or trial from a lost one by its heartbeat (heartbeat.py): the owner and every
-trial's process beat on their run, so a worker machine that dies mid-trial does not keep the owner waiting
-for good, and a study whose owner's machine died can be resumed from another machine.
+A process tells a live owner or trial from a lost one by its heartbeat (heartbeat.py): the owner's tune run
+beats as every step run does, and every trial's process beats on the trial's run, so a worker machine that
+dies mid-trial does not keep the owner waiting for good, and a study whose owner's machine died can be
+resumed from another machine.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from .errors import UserError
 
 DIRECTION = "maximize"  # the held-out accuracy
 TAG_OWNER_RUN = "cifar10.study.owner_run_id"  # study run: the tune run that trains the winner
-TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of that tune run's process
+TAG_OWNER_PROCESS = "cifar10.study.owner_process"  # study run: 'host:pid' of its owner (earlier versions only)
 TAG_SETTINGS = "cifar10.study.settings"  # study run: what makes its trials comparable (JSON), set by its maker
 TAG_DELETED_TRIAL = "cifar10.study.deleted_trial."  # study run: + number, a trial asked for beyond `trials`
 TAG_NO_NEW_TRIALS = "cifar10.study.no_new_trials"  # study run: its owner is done asking (its budget or trials)
-TAG_OWNER_HEARTBEAT = "cifar10.study.owner_heartbeat"  # study run: when its owner last beat (Unix seconds)
 TAG_TRIAL_PROCESS = "cifar10.trial.process"  # trial run: 'host:pid' of the process that runs it
 TAG_TRIAL_HEARTBEAT = "cifar10.trial.heartbeat"  # trial run: when that process last beat (Unix seconds)
 
@@ -52,14 +52,17 @@ def storage(experiment_id: str):
 
 def owner_alive(study_run) -> bool:
     """Whether the tune run that owns the study still works on it: RUNNING (a SIGKILLed or lost run stays
-    RUNNING, so also) with its process alive by its heartbeat. An owner of an earlier version, which did
-    not beat, is alive while RUNNING, on this machine while its process id is."""
+    RUNNING, so also) with its process alive by the tune run's own heartbeat. An owner of an earlier
+    version, which did not beat, is alive while RUNNING, on this machine while its process id is."""
     owner = study_run.data.tags.get(TAG_OWNER_RUN)
     if not owner:
         return False
-    if mlflow.get_run(owner).info.status != "RUNNING":
+    owner_run = mlflow.get_run(owner)
+    if owner_run.info.status != "RUNNING":
         return False
-    return heartbeat.lost(study_run, TAG_OWNER_PROCESS, TAG_OWNER_HEARTBEAT, since=None) is None
+    if C.TAG_PROCESS not in owner_run.data.tags:  # an earlier version's owner
+        return heartbeat.lost(study_run, TAG_OWNER_PROCESS, C.TAG_HEARTBEAT, since=None) is None
+    return heartbeat.lost(owner_run, C.TAG_PROCESS, C.TAG_HEARTBEAT, since=None) is None
 
 
 def owns(study_run_id: str, tune_run_id: str) -> bool:
@@ -171,12 +174,8 @@ def close(study_run_id: str, status: str) -> None:
 
 
 def _own(client, study_run_id: str, tune_run_id: str) -> None:
-    """Take the study: its owner from now on, alive from this first beat (not the last owner's)."""
-    from mlflow.entities import RunTag
-
-    client.log_batch(study_run_id, tags=[RunTag(TAG_OWNER_RUN, tune_run_id),
-                                         RunTag(TAG_OWNER_PROCESS, heartbeat.this_process()),
-                                         RunTag(TAG_OWNER_HEARTBEAT, f"{time.time():.0f}")])
+    """Take the study: its owner from now on (alive while that tune run beats)."""
+    client.set_tag(study_run_id, TAG_OWNER_RUN, tune_run_id)
 
 
 def ask(study):
@@ -195,8 +194,8 @@ def ask(study):
     with FileLock(Path(tempfile.gettempdir()) / f"cifar10-tune-{key}.lock"):
         trial = study.ask()
         time.sleep(0.005)
-    mlflow.MlflowClient().log_batch(trial._trial_id, tags=[RunTag(TAG_TRIAL_PROCESS, heartbeat.this_process()),
-                                                           RunTag(TAG_TRIAL_HEARTBEAT, f"{time.time():.0f}")])
+    beat = heartbeat.first_beat(TAG_TRIAL_PROCESS, TAG_TRIAL_HEARTBEAT)
+    mlflow.MlflowClient().log_batch(trial._trial_id, tags=[RunTag(k, v) for k, v in beat.items()])
     return trial
 
 

@@ -75,8 +75,7 @@ def run_step(step: str, body: Callable[..., None], system_metrics: bool = False,
     try:
         tag_experiment_kind(run.info.experiment_id)
         # the step's process beats while it works: e.g. a resume tells a live train run from a killed one
-        mlflow.set_tags({C.TAG_STEP: step, C.TAG_PROCESS: heartbeat.this_process(),
-                         C.TAG_HEARTBEAT: f"{time.time():.0f}"})
+        mlflow.set_tags({C.TAG_STEP: step, **heartbeat.first_beat(C.TAG_PROCESS, C.TAG_HEARTBEAT)})
         # The step's own arguments are its params, as `mlflow run` would log them: downstream steps
         # read them from here (e.g. evaluate finds the ingest run through the train run's params).
         log_new_params(kwargs)

@@ -57,8 +57,8 @@ def run(**raw: str) -> None:
     dataset = search.training_images(job)
     search.held_out(dataset.train_labels, job)  # -P validation too large for the data: fail before the study
     opened = open_study(job, worker=0)
-    # The owner beats (heartbeat.beating) until its winner is registered: no other machine takes the study over
-    # meanwhile, and once it stops (a lost machine, SIGKILL), another can; it stops beating once taken over.
+    # The tune run beats (every step run does): a run that finds it silent for heartbeat.STALE_S takes the
+    # study over and trains its winner; this one, should it wake, checks before each step that is its own.
     def owns() -> bool:
         return studies.owns(opened.study_run_id, tune_run.info.run_id)
 
@@ -67,67 +67,64 @@ def run(**raw: str) -> None:
             raise UserError(f"study {p['study']!r} was taken over by another tune run while this one was silent "
                             f"for over {heartbeat.STALE_S:g} s; that run trains and registers its winner")
 
-    holding = contextlib.nullcontext() if opened.role == "worker" else heartbeat.beating(
-        opened.study_run_id, studies.TAG_OWNER_HEARTBEAT, still=owns)
-    with holding:
-        say("tune", f"study {p['study']!r} ({opened.role}), run {opened.study_run_id}: up to {p['trials']} trials in "
-                    f"{p['budget_minutes']:g} min over {', '.join(f'{k}={v}' for k, v in p['space'].items())}")
-        if opened.stale:
-            say("tune", f"resuming: {opened.stale} trial(s) a stopped run left RUNNING are now FAILED")
-        try:
-            search_with_workers(opened, job, dataset)
-            if opened.role == "worker":  # the study's owner trains the winner
-                say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
-                return
-            studies.take_no_new_trials(opened.study, f"owner run {tune_run.info.run_id} is done asking")
-            finished = studies.wait_for_trials(opened.study)
-            still_owner()
-        except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
-            if opened.role != "worker":
-                with contextlib.suppress(Exception):  # the store may be what failed: report the first error
-                    if owns():  # never the study of the run that took it over
-                        studies.close(opened.study_run_id,
-                                      "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
-        studies.close(opened.study_run_id, "FINISHED")
-        summary = search.summary(finished)
-        mlflow.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
-                            "trials_failed": summary["failed"]})
-        for name, figure in plots.study_figures(opened.study).items():
-            mlflow.log_figure(figure, f"{name}.png")
-        mlflow.log_text(opened.study.trials_dataframe().to_csv(index=False), "trials.csv")
-        best = search.best(opened.study)
-        tuned = replace(base, **best.params)
-        mlflow.log_metric("best_val_accuracy", best.value)
-        mlflow.log_dict({"recipe": p["recipe"], "trial": best.number, "params": best.params}, "best.json")
-        changed = search.changes(best.params, base)
-        say("tune", f"best: trial {best.number}, val accuracy {best.value:.2%}; against {p['recipe']}: {changed}")
-
-        # The winner through the real pipeline: trained on every training image, then evaluate, export, register.
-        # The tags are for export's model card. An earlier train run with the same parameters is reused only if
-        # this study's winner made it (a resumed tune): a card never names a study its model did not come from.
-        tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
-                C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}
+    say("tune", f"study {p['study']!r} ({opened.role}), run {opened.study_run_id}: up to {p['trials']} trials in "
+                f"{p['budget_minutes']:g} min over {', '.join(f'{k}={v}' for k, v in p['space'].items())}")
+    if opened.stale:
+        say("tune", f"resuming: {opened.stale} trial(s) a stopped run left RUNNING are now FAILED")
+    try:
+        search_with_workers(opened, job, dataset)
+        if opened.role == "worker":  # the study's owner trains the winner
+            say("tune", f"worker done; the study's owner (run {opened.study_run_id}'s owner) trains the winner")
+            return
+        studies.take_no_new_trials(opened.study, f"owner run {tune_run.info.run_id} is done asking")
+        finished = studies.wait_for_trials(opened.study)
         still_owner()
-        train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
-                                       "validation": 0, "device": p["device"], "nproc_per_node": 1,
-                                       "resume_run_id": "none"},
-                             match_tags={k: str(v) for k, v in tags.items()})
-        mlflow.MlflowClient().log_batch(train_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        still_owner()  # before registering: the winner's training took a while
-        evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
-        test = mlflow.get_run(evaluate_id).data.metrics
-        mlflow.log_metrics({k: test[k] for k in ("test_accuracy", "test_accuracy_tta") if k in test})
-        text = (f"Study {p['study']!r}: {summary['total']} trials ({summary['complete']} complete, {summary['pruned']} "
-                f"pruned, {summary['failed']} failed) in {(time.time() - started) / 60:.1f} min. Best: trial "
-                f"{best.number}, held-out accuracy {best.value:.2%}. Against the {p['recipe']} recipe it changes "
-                f"{changed}.{search.budget_note(summary['total'], p['trials'], p['budget_minutes'])} "
-                f"Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
-                + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
-                + f"; registered by export run {export_id}: "
-            + ", ".join(registry.registered_by(mlflow.MlflowClient(), mlflow.get_run(export_id).data.tags)) + ".")
-        mlflow.set_tag("mlflow.note.content", text)
-        say("tune", text)
+    except BaseException as exc:  # the owner stops: so do the workers of other processes, after their trial
+        if opened.role != "worker":
+            with contextlib.suppress(Exception):  # the store may be what failed: report the first error
+                if owns():  # never the study of the run that took it over
+                    studies.close(opened.study_run_id,
+                                  "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    studies.close(opened.study_run_id, "FINISHED")
+    summary = search.summary(finished)
+    mlflow.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"],
+                        "trials_failed": summary["failed"]})
+    for name, figure in plots.study_figures(opened.study).items():
+        mlflow.log_figure(figure, f"{name}.png")
+    mlflow.log_text(opened.study.trials_dataframe().to_csv(index=False), "trials.csv")
+    best = search.best(opened.study)
+    tuned = replace(base, **best.params)
+    mlflow.log_metric("best_val_accuracy", best.value)
+    mlflow.log_dict({"recipe": p["recipe"], "trial": best.number, "params": best.params}, "best.json")
+    changed = search.changes(best.params, base)
+    say("tune", f"best: trial {best.number}, val accuracy {best.value:.2%}; against {p['recipe']}: {changed}")
+
+    # The winner through the real pipeline: trained on every training image, then evaluate, export, register.
+    # The tags are for export's model card. An earlier train run with the same parameters is reused only if
+    # this study's winner made it (a resumed tune): a card never names a study its model did not come from.
+    tags = {C.TAG_STUDY: p["study"], C.TAG_STUDY_RUN: opened.study_run_id, C.TAG_STUDY_TRIALS: summary["total"],
+            C.TAG_STUDY_BEST_TRIAL: best.number, C.TAG_STUDY_BEST: f"{best.value:.4f}"}
+    still_owner()
+    train_id = steps.run("train", {"ingest_run_id": ingest_id, "recipe": p["recipe"], **asdict(tuned),
+                                   "validation": 0, "device": p["device"], "nproc_per_node": 1,
+                                   "resume_run_id": "none"},
+                         match_tags={k: str(v) for k, v in tags.items()})
+    mlflow.MlflowClient().log_batch(train_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    still_owner()  # before registering: the winner's training took a while
+    evaluate_id, export_id = steps.evaluate_and_export(train_id, p["device"], "auto", p["model_name"], p["int8"])
+    test = mlflow.get_run(evaluate_id).data.metrics
+    mlflow.log_metrics({k: test[k] for k in ("test_accuracy", "test_accuracy_tta") if k in test})
+    text = (f"Study {p['study']!r}: {summary['total']} trials ({summary['complete']} complete, {summary['pruned']} "
+            f"pruned, {summary['failed']} failed) in {(time.time() - started) / 60:.1f} min. Best: trial "
+            f"{best.number}, held-out accuracy {best.value:.2%}. Against the {p['recipe']} recipe it changes "
+            f"{changed}.{search.budget_note(summary['total'], p['trials'], p['budget_minutes'])} "
+            f"Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
+            + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
+            + f"; registered by export run {export_id}: "
+        + ", ".join(registry.registered_by(mlflow.MlflowClient(), mlflow.get_run(export_id).data.tags)) + ".")
+    mlflow.set_tag("mlflow.note.content", text)
+    say("tune", text)
 
 
 def check(raw: dict) -> dict:
