@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 from . import constants as C
-from . import cores, sources
+from . import cores, sources, tracking
 from .errors import UserError
 from .progress import say
 
@@ -147,15 +147,7 @@ def reusable(experiment_id: str, entry_point: str, parameters: dict, commit: str
 def still_registered(export_run) -> bool:
     """Whether every version an export run registered still exists (a user may have deleted one since:
     then the export runs again rather than report versions that are gone)."""
-    client = mlflow.MlflowClient()
-    for flavor in ("pytorch", "onnx", "onnx_int8"):
-        name, _, version = export_run.data.tags.get(C.TAG_REGISTERED.format(flavor=flavor), "").partition("/")
-        if version:
-            try:
-                client.get_model_version(name, version)
-            except mlflow.exceptions.MlflowException:
-                return False
-    return True
+    return all(version is not None for _, _, version in tracking.registered_versions(export_run.data.tags))
 
 
 def in_thread(fn: Callable, *args) -> Future:

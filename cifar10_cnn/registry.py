@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import constants as C
+from . import tracking
 
 ONNX_VERSION, INT8_VERSION, PYTORCH_VERSION = "onnx_version", "int8_version", "pytorch_version"  # version tags
 TAG_ORPHAN = "orphan"  # on a version an interrupted export left behind: why no alias will point at it
@@ -202,23 +203,15 @@ def version_of_uri(client: MlflowClient, model_uri: str) -> ModelVersion | None:
     return client.get_model_version(*found) if len(found) == 2 else None
 
 
-def registered_by(client: MlflowClient, export_tags: dict) -> list[str]:
+def registered_by(export_tags: dict) -> list[str]:
     """What an export run registered, 'NAME vN (@alias, ...)', with the aliases as they are now (a reused
-    export's `candidate` may have moved on since; a version deleted since says so). INT8: none where it was
-    off or lost too much."""
-    shown = []
-    for flavor in ("pytorch", "onnx", "onnx_int8"):
-        value = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "")
-        if "/" not in value:
-            continue
-        name, number = value.split("/")
-        try:
-            aliases = client.get_model_version(name, number).aliases
-        except MlflowException:
-            shown.append(f"{name} v{number} (deleted)")
-            continue
-        shown.append(f"{name} v{number}" + (f" (@{', @'.join(sorted(aliases))})" if aliases else ""))
-    return shown
+    export's `candidate` may have moved on since; a version deleted since says so)."""
+    def shown(version) -> str:
+        if version is None:
+            return " (deleted)"
+        return f" (@{', @'.join(sorted(version.aliases))})" if version.aliases else ""
+
+    return [f"{name} v{number}{shown(v)}" for name, number, v in tracking.registered_versions(export_tags)]
 
 
 def promoting(client: MlflowClient, names: Names) -> str | None:

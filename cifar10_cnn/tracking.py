@@ -265,3 +265,17 @@ def tag_experiment_kind(experiment_id: str) -> None:
     client = mlflow.MlflowClient()
     if C.EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, C.EXPERIMENT_KIND_TAG, C.EXPERIMENT_KIND)
+
+
+def registered_versions(export_tags: dict) -> list[tuple[str, str, object]]:
+    """(name, version, its ModelVersion or None when deleted since) of each model an export run registered,
+    from its C.TAG_REGISTERED tags (INT8: none where it was off or lost too much)."""
+    client, found = mlflow.MlflowClient(), []
+    for flavor in ("pytorch", "onnx", "onnx_int8"):
+        name, _, number = export_tags.get(C.TAG_REGISTERED.format(flavor=flavor), "").partition("/")
+        if number:
+            try:
+                found.append((name, number, client.get_model_version(name, number)))
+            except MlflowException:
+                found.append((name, number, None))
+    return found

@@ -84,7 +84,7 @@ def run_name(train: dict) -> str:
 
 def summary(parent_id: str, run_ids: dict, metrics: dict, export_tags: dict) -> str:
     line = "=" * 80
-    registered = registry.registered_by(mlflow.MlflowClient(), export_tags)
+    registered = registry.registered_by(export_tags)
     steps = ", ".join(f"{name} {rid}" for name, rid in run_ids.items())
     tta = f" ({metrics['test_accuracy_tta']:.2%} with test-time augmentation)" if "test_accuracy_tta" in metrics else ""
     return "\n".join([

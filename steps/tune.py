@@ -122,7 +122,7 @@ def run(**raw: str) -> None:
             f"Trained on every training image: test accuracy {test['test_accuracy']:.2%}"
             + (f" ({test['test_accuracy_tta']:.2%} with TTA)" if "test_accuracy_tta" in test else "")
             + f"; registered by export run {export_id}: "
-        + ", ".join(registry.registered_by(mlflow.MlflowClient(), mlflow.get_run(export_id).data.tags)) + ".")
+        + ", ".join(registry.registered_by(mlflow.get_run(export_id).data.tags)) + ".")
     mlflow.set_tag("mlflow.note.content", text)
     say("tune", text)
 

@@ -140,4 +140,4 @@ def test_what_an_export_registered_is_shown_with_its_aliases_as_they_are_now(sto
     client.set_registered_model_alias("m", "champion", "1")
     tags = {C.TAG_REGISTERED.format(flavor="pytorch"): "m/1", C.TAG_REGISTERED.format(flavor="onnx"): "m-onnx/3",
             C.TAG_REGISTERED.format(flavor="onnx_int8"): "not registered: drop 2.00 > 1.0 points"}
-    assert registry.registered_by(client, tags) == ["m v1 (@champion)", "m-onnx v3 (deleted)"]
+    assert registry.registered_by(tags) == ["m v1 (@champion)", "m-onnx v3 (deleted)"]
